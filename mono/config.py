@@ -1,0 +1,434 @@
+"""Configuration for every stage: frozen dataclasses and the presets tiny, demo and paper.
+
+Stdlib only, so jobs, tests and Ray workers import it without torch or Ray. Each field's
+attribute docstring is its `--help` text (see `mono.cli`). Never mutate a config: use
+`dataclasses.replace`. `Config` bundles one section per stage; every stage's `run(cfg)` takes
+the whole `Config` because stages read their predecessors' settings (the LM width, T, ...).
+
+Numbers in the `paper` preset are the seed's (shehper/monosemantic) and the paper's
+(Bricken et al. 2023); see shared/DESIGN.md and reference/seed_spec.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{type(obj).__name__}.{name} must be positive, got {value!r}")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}")
+
+
+def _fraction(obj, name: str) -> None:
+    value = getattr(obj, name)
+    if not 0 < value < 1:
+        raise ValueError(f"{type(obj).__name__}.{name} must be in (0, 1), got {value!r}")
+
+
+def _choice(obj, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """Stage 1: corpus -> GPT-2 BPE token shards (one row per context window of T tokens)."""
+
+    corpus: str = ""
+    """Text source: '' for the embedded offline default, a file, a glob, a directory, a
+    .parquet/.jsonl file with a text column, or hf:NAME[:CONFIG] for a Hugging Face dataset."""
+    text_column: str = "text"
+    """Column holding the text in Parquet/JSONL/HF sources."""
+    ctx_len: int = 1024
+    """T: tokens per context window (the LM's context)."""
+    val_fraction: float = 0.0005
+    """Fraction of documents held out for validation (seed: 0.0005 of OpenWebText)."""
+    min_val_docs: int = 2
+    """At least this many documents go to validation, so tiny corpora still get a val split."""
+    max_docs: int = 0
+    """Read at most this many documents (0 = all); handy for trying a huge corpus."""
+    docs_per_block: int = 2048
+    """Documents per Ray Data block: one tokenize task and one output file per block."""
+    hf_split: str = "train"
+    """Split read from a Hugging Face dataset."""
+
+    def __post_init__(self):
+        _positive(self, "ctx_len", "min_val_docs", "docs_per_block")
+        _non_negative(self, "max_docs")
+        _fraction(self, "val_fraction")
+        if self.ctx_len > 65535:
+            raise ValueError(f"TokensConfig.ctx_len must be <= 65535, got {self.ctx_len}")
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    """Stage 2: the one-layer transformer (nanoGPT-style, as the seed)."""
+
+    vocab_size: int = 50304
+    """V: GPT-2's 50257 ids padded to a multiple of 64 (seed)."""
+    n_layer: int = 1
+    """Transformer blocks; the SAE reads the MLP of the last one."""
+    d_model: int = 128
+    """D: residual stream width."""
+    n_head: int = 4
+    """Attention heads (d_model must divide evenly)."""
+    d_mlp: int = 512
+    """H: MLP width, the SAE's input width."""
+    block_size: int = 1024
+    """Longest context the position embedding covers (>= tokens.ctx_len)."""
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "n_layer", "d_model", "n_head", "d_mlp", "block_size")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"LmConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.vocab_size < 50257:
+            raise ValueError(f"LmConfig.vocab_size must cover GPT-2's 50257 ids, got {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class TrainLmConfig:
+    """Stage 2: LM training (AdamW, warmup + cosine decay, as nanoGPT and the seed)."""
+
+    max_iters: int = 200_000
+    """Optimizer steps."""
+    batch_size: int = 12
+    """Contexts per micro-batch per worker."""
+    grad_accum: int = 40
+    """Micro-batches per step (seed: 12 x 1024 x 40 = 491,520 tokens/step)."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_iters: int = 2000
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on >= 2-D tensors only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_interval: int = 1000
+    """Steps between validation-loss evaluations and checkpoints."""
+    eval_iters: int = 200
+    """Batches per validation-loss evaluation."""
+    log_interval: int = 100
+    """Steps between progress lines."""
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks); 1 on a laptop."""
+    use_gpu: bool = False
+    """One GPU per Ray Train worker."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bf16 where supported), bfloat16 or float32."""
+
+    def __post_init__(self):
+        _positive(self, "max_iters", "batch_size", "grad_accum", "lr", "eval_interval",
+                  "eval_iters", "log_interval", "num_workers", "beta1", "beta2")
+        _non_negative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip")
+        _choice(self, "dtype", ("auto", "bfloat16", "float32"))
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainLmConfig.min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+
+
+@dataclass(frozen=True)
+class ActsConfig:
+    """Stage 3: LM MLP activations at sampled positions -> Parquet activation shards."""
+
+    tokens_per_context: int = 200
+    """Positions sampled without replacement per context (seed: 200 of 1024; paper: 250)."""
+    n_contexts: int = 0
+    """Train contexts to run (0 = every context in the token shards)."""
+    batch_contexts: int = 8
+    """Contexts per LM forward in an actor."""
+    dtype: str = "float16"
+    """Stored activation dtype: float16, bfloat16 or float32."""
+    compression: str = "none"
+    """Parquet compression: none or zstd (fp16 activations barely compress)."""
+    max_actors: int = 0
+    """Largest actor pool (0 = one per GPU, or CPUs - 1 on CPU)."""
+    use_gpu: bool = False
+    """Give each collection actor one GPU."""
+    overwrite: bool = False
+    """Replace shards written from a different LM instead of refusing."""
+
+    def __post_init__(self):
+        _positive(self, "tokens_per_context", "batch_contexts")
+        _non_negative(self, "n_contexts", "max_actors")
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "compression", ("none", "zstd"))
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Stage 4: one sparse autoencoder (Towards Monosemanticity) and its training."""
+
+    n_features: int = 4096
+    """F: dictionary size (paper A/1: 4096 = 8 x 512)."""
+    l1_coeff: float = 1e-3
+    """lambda on mean-over-batch sum |f| (MSE is a mean over elements): seed post-fix 1e-3,
+    paper 0.004; the seed's 3e-7 was a batch-summed bug (~2.5e-3 per example)."""
+    lr: float = 3e-4
+    """Adam learning rate, constant (paper, seed)."""
+    batch_size: int = 8192
+    """Activation vectors per step."""
+    n_steps: int = 0
+    """Training steps (0 = one pass over the activation shards without replacement)."""
+    resample_at: tuple[int, ...] = (25_000, 50_000, 75_000, 100_000)
+    """Steps at which dead features are resampled (paper); empty disables."""
+    dead_window: int = 12_500
+    """A feature that did not fire in this many steps before a resample is dead (paper)."""
+    resample_inputs: int = 819_200
+    """Fresh inputs scored by loss^2 at each resampling (paper)."""
+    geom_median_samples: int = 8192
+    """Sample size for the geometric-median init of b_dec (paper)."""
+    shuffle_buffer: int = 262_144
+    """Rows in the training reader's local shuffle buffer."""
+    eval_interval: int = 1000
+    """Steps between evaluations (and checkpoints)."""
+    eval_contexts: int = 64
+    """Held-out validation contexts for the LM-loss metrics."""
+    checkpoint_interval: int = 5000
+    """Steps between checkpoints (also written at each eval and at the end)."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+
+    def __post_init__(self):
+        _positive(self, "n_features", "l1_coeff", "lr", "batch_size", "dead_window",
+                  "resample_inputs", "geom_median_samples", "shuffle_buffer",
+                  "eval_interval", "eval_contexts", "checkpoint_interval")
+        _non_negative(self, "n_steps")
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        if any(s <= 0 for s in self.resample_at) or list(self.resample_at) != sorted(
+            set(self.resample_at)
+        ):
+            raise ValueError(
+                f"SaeConfig.resample_at must be increasing positive steps, got {self.resample_at}"
+            )
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Stage 4: Ray Tune grid over l1_coeff x lr, one SAE training per grid point."""
+
+    l1_coeff: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    """L1 coefficients of the grid."""
+    lr: tuple[float, ...] = (1e-4, 3e-4)
+    """Learning rates of the grid."""
+    name: str = "sweep"
+    """Experiment name: <storage_path>/<name>."""
+    storage_path: str = ""
+    """Where Tune keeps the experiment: '' = <out>/sweep; s3://... on multi-node clusters."""
+    cpus_per_trial: float = 1.0
+    """CPUs reserved per trial (keep the total below the node's CPUs for data reads)."""
+    gpus_per_trial: float = 0.0
+    """GPUs per trial; fractions pack several SAEs on one GPU."""
+    max_concurrent_trials: int = 0
+    """Trials running at once (0 = as many as resources allow)."""
+    max_failures: int = 2
+    """Retries of a crashed trial from its last checkpoint."""
+    pool_rows: int = 819_200
+    """Rows the shared ResamplePool actor holds (refreshed after each draw)."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline when no WANDB_API_KEY is set)."""
+
+    def __post_init__(self):
+        if not self.l1_coeff or not self.lr:
+            raise ValueError(
+                f"SweepConfig grid is empty: l1_coeff={self.l1_coeff!r} lr={self.lr!r}"
+            )
+        for name in ("l1_coeff", "lr"):
+            for v in getattr(self, name):
+                if not (v > 0 and math.isfinite(v)):
+                    raise ValueError(f"SweepConfig.{name} values must be positive, got {v!r}")
+        _positive(self, "pool_rows")
+        _non_negative(self, "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
+                      "max_failures")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Stage 5: per-feature statistics over the activation shards and static HTML pages."""
+
+    trial: str = ""
+    """Trial to analyse ('' = the sweep's best by loss_recovered within the L0 target)."""
+    max_rows: int = 0
+    """Activation rows scanned (0 = all)."""
+    top_k: int = 10
+    """Top activating examples kept per feature."""
+    n_intervals: int = 12
+    """Activation-value intervals sampled per feature (paper style)."""
+    samples_per_interval: int = 5
+    """Examples kept per interval."""
+    window: int = 4
+    """Tokens shown on each side of the activating token (paper: 4)."""
+    target_l0: float = 20.0
+    """Largest L0 a trial may have to be picked as 'best' by default."""
+
+    def __post_init__(self):
+        _positive(self, "top_k", "n_intervals", "samples_per_interval", "target_l0")
+        _non_negative(self, "max_rows", "window")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every stage's settings, and where the run's artifacts live."""
+
+    out: str = "runs/demo"
+    """Run directory (local path or s3:// URI): every stage reads and writes under it."""
+    seed: int = 0
+    """Seed for splits, sampling and initialisation."""
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    lm: LmConfig = field(default_factory=LmConfig)
+    train_lm: TrainLmConfig = field(default_factory=TrainLmConfig)
+    acts: ActsConfig = field(default_factory=ActsConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("Config.out must be a directory, got ''")
+        if self.lm.block_size < self.tokens.ctx_len:
+            raise ValueError(
+                f"lm.block_size ({self.lm.block_size}) must be >= tokens.ctx_len "
+                f"({self.tokens.ctx_len})"
+            )
+        if self.acts.tokens_per_context > self.tokens.ctx_len:
+            raise ValueError(
+                f"acts.tokens_per_context ({self.acts.tokens_per_context}) must be <= "
+                f"tokens.ctx_len ({self.tokens.ctx_len})"
+            )
+
+    # --- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        return cls.from_json(Path(path).read_text())
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in fields(Config) if f.default_factory is not dataclasses.MISSING
+}
+"""Section name -> its dataclass, in pipeline order."""
+
+
+def field_types(cls: type) -> dict[str, typing.Any]:
+    """Resolved type hints of a config dataclass (the annotations are strings)."""
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, d: dict):
+    """Build a (nested) config dataclass from a plain dict; unknown keys raise."""
+    hints = field_types(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def with_overrides(cfg: Config, **sections: dict) -> Config:
+    """`with_overrides(cfg, sae={"l1_coeff": 3e-3}, out="x")`: a new config, validated."""
+    top = {k: v for k, v in sections.items() if k not in SECTIONS}
+    sub = {k: replace(getattr(cfg, k), **v) for k, v in sections.items() if k in SECTIONS}
+    return replace(cfg, **top, **sub)
+
+
+# --- presets ---------------------------------------------------------------------------
+# tiny: tests and smoke runs, seconds on 2 cores. demo: the README's offline run, the whole
+# pipeline within ~10 min on 2 cores with a paper-shaped LM (128/512) at short context.
+# paper: the seed's numbers (seed_spec.md §1-§6) for clusters.
+
+PRESETS: dict[str, Config] = {
+    "tiny": Config(
+        out="runs/tiny",
+        tokens=TokensConfig(ctx_len=64, docs_per_block=256),
+        lm=LmConfig(d_model=32, n_head=2, d_mlp=128, block_size=64),
+        train_lm=TrainLmConfig(max_iters=30, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4,
+                               warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10),
+        acts=ActsConfig(tokens_per_context=16, n_contexts=256, batch_contexts=16),
+        sae=SaeConfig(n_features=256, batch_size=256, n_steps=0, resample_at=(8,),
+                      dead_window=4, resample_inputs=1024, geom_median_samples=512,
+                      shuffle_buffer=2048, eval_interval=8, eval_contexts=4,
+                      checkpoint_interval=8),
+        sweep=SweepConfig(l1_coeff=(1e-3, 1e-2), lr=(1e-3,), pool_rows=2048),
+        analysis=AnalysisConfig(top_k=5, n_intervals=4, samples_per_interval=2, window=3,
+                                target_l0=1e9),
+    ),
+    "demo": Config(
+        out="runs/demo",
+        tokens=TokensConfig(ctx_len=128, val_fraction=0.02, min_val_docs=8),
+        lm=LmConfig(block_size=128),
+        train_lm=TrainLmConfig(max_iters=1500, batch_size=32, grad_accum=1, lr=3e-3,
+                               min_lr=3e-4, warmup_iters=100, eval_interval=250, eval_iters=10,
+                               log_interval=50),
+        acts=ActsConfig(tokens_per_context=32, n_contexts=0, batch_contexts=32),
+        sae=SaeConfig(n_features=2048, batch_size=1024, n_steps=0, resample_at=(1000, 2000),
+                      dead_window=500, resample_inputs=65_536, geom_median_samples=4096,
+                      shuffle_buffer=65_536, eval_interval=500, eval_contexts=32,
+                      checkpoint_interval=1000),
+        sweep=SweepConfig(l1_coeff=(1e-3, 3e-3), lr=(1e-3,), pool_rows=65_536),
+    ),
+    "paper": Config(
+        out="runs/paper",
+        tokens=TokensConfig(corpus="hf:Skylion007/openwebtext", ctx_len=1024,
+                            val_fraction=0.0005),
+        acts=ActsConfig(tokens_per_context=200, n_contexts=2_000_000, batch_contexts=64,
+                        use_gpu=True),
+        train_lm=TrainLmConfig(use_gpu=True),
+        sae=SaeConfig(device="auto"),
+        sweep=SweepConfig(gpus_per_trial=0.25, cpus_per_trial=2.0),
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    """The named preset; an unknown name raises with the valid choices."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
