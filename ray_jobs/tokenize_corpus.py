@@ -4,7 +4,12 @@
     python -m ray_jobs.tokenize_corpus --preset tiny --out runs/tiny --corpus 'notes/*.txt'
     ray job submit --working-dir . -- python -m ray_jobs.tokenize_corpus --preset paper \
         --out s3://BUCKET/mono/paper --corpus hf:Skylion007/openwebtext
+
+--corpus: '' (the embedded offline default), a text file (blank lines separate documents), a
+glob, a directory, a .parquet/.jsonl file with --text_column, or hf:NAME[:CONFIG].
 """
+
+import logging
 
 import ray
 
@@ -16,11 +21,14 @@ SECTIONS = ("tokens",)
 def main(argv: list[str] | None = None):
     cfg = cli.parse(argv, "python -m ray_jobs.tokenize_corpus", __doc__, SECTIONS)
     manifest = tokens.run(cfg)
-    print(f"token shards: {manifest['rows']} (train, val contexts of {manifest['ctx_len']} "
-          f"tokens) in {manifest['dir']}")
+    rows, docs = manifest["rows"], manifest["docs"]
+    print(f"tokens: {rows['train']} train / {rows['val']} val contexts of {manifest['ctx_len']} "
+          f"tokens from {docs['train']} / {docs['val']} documents of {manifest['source']} "
+          f"-> {manifest['dir']}")
     return manifest
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ray.init()
     main()
