@@ -1,0 +1,34 @@
+"""Stage 2: train the one-layer transformer on the token shards (Ray Train, DDP).
+
+    python -m ray_jobs.train_lm --preset demo --out runs/demo
+    python -m ray_jobs.train_lm --preset tiny --out runs/tiny --max_iters 60
+    ray job submit --working-dir . -- python -m ray_jobs.train_lm --preset paper \
+        --out s3://BUCKET/mono/paper --num_workers 8 --use_gpu
+
+Rerunning the same command resumes from the last checkpoint in <out>/lm.
+"""
+
+import logging
+
+import ray
+
+from mono import cli, train_lm
+
+SECTIONS = ("lm", "train_lm")
+
+
+def main(argv: list[str] | None = None):
+    cfg = cli.parse(argv, "python -m ray_jobs.train_lm", __doc__, SECTIONS)
+    m = train_lm.run(cfg)
+    print(f"LM: val loss {m['val_loss']:.4f} nats after {m['step']} steps ({m['tokens']:,} "
+          f"tokens) vs unigram baselines on the same val targets: entropy "
+          f"{m['unigram_entropy']:.4f} ({m['val_loss'] - m['unigram_entropy']:+.4f}), "
+          f"train-unigram cross-entropy {m['unigram_xent']:.4f} "
+          f"({m['val_loss'] - m['unigram_xent']:+.4f}); weights in {m['dir']}")
+    return m
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ray.init()
+    main()
