@@ -1,0 +1,30 @@
+"""Stage 3: run the LM over the token shards and write its MLP activations (Ray Data actors).
+
+    python -m ray_jobs.collect_acts --preset demo --out runs/demo
+    python -m ray_jobs.collect_acts --preset tiny --out runs/tiny --tokens_per_context 8
+    ray job submit --working-dir . -- python -m ray_jobs.collect_acts --preset paper \
+        --out s3://BUCKET/mono/paper --max_actors 8
+
+Rerunning into the same --out resumes: finished shards are kept, the rest are written.
+"""
+
+import ray
+
+from mono import acts, cli
+
+SECTIONS = ("acts",)
+
+
+def main(argv: list[str] | None = None):
+    cfg = cli.parse(argv, "python -m ray_jobs.collect_acts", __doc__, SECTIONS)
+    manifest = acts.run(cfg)
+    print(f"activation shards: {manifest['rows']} rows ({manifest['n_contexts']} contexts x "
+          f"{manifest['tokens_per_context']}, H={manifest['H']} {manifest['dtype']}), "
+          f"{len(manifest['files'])} files, {manifest['bytes'] / 1e6:.1f} MB in "
+          f"{manifest['dir']}")
+    return manifest
+
+
+if __name__ == "__main__":
+    ray.init()
+    main()
