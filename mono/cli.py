@@ -61,7 +61,8 @@ def _add_field(group, flags: list[str], dest: str, hint, default, doc: str) -> N
 
 def build_parser(prog: str, description: str, sections: tuple[str, ...]) -> argparse.ArgumentParser:
     """A parser with --preset, --out, --seed and the fields of `sections`, in that priority."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = field_docs()
     parser.add_argument("--preset", default="demo",
                         help="tiny (tests, seconds), demo (offline default, minutes) or paper "

@@ -65,12 +65,14 @@ class TokensConfig:
     max_docs: int = 0
     """Read at most this many documents (0 = all); handy for trying a huge corpus."""
     docs_per_block: int = 2048
-    """Documents per Ray Data block: one tokenize task and one output file per block."""
+    """Documents per Ray Data block: one tokenize task per block."""
+    rows_per_shard: int = 16384
+    """Context windows per Parquet shard (paper: 16384 x 1024 uint16 = 32 MiB per file)."""
     hf_split: str = "train"
     """Split read from a Hugging Face dataset."""
 
     def __post_init__(self):
-        _positive(self, "ctx_len", "min_val_docs", "docs_per_block")
+        _positive(self, "ctx_len", "min_val_docs", "docs_per_block", "rows_per_shard")
         _non_negative(self, "max_docs")
         _fraction(self, "val_fraction")
         if self.ctx_len > 65535:
@@ -101,7 +103,8 @@ class LmConfig:
                 f"LmConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
             )
         if self.vocab_size < 50257:
-            raise ValueError(f"LmConfig.vocab_size must cover GPT-2's 50257 ids, got {self.vocab_size}")
+            raise ValueError(
+                f"LmConfig.vocab_size must cover GPT-2's 50257 ids, got {self.vocab_size}")
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,18 @@ class TrainLmConfig:
     use_gpu: bool = False
     """One GPU per Ray Train worker."""
     dtype: str = "auto"
-    """Autocast dtype: auto (bf16 where supported), bfloat16 or float32."""
+    """Autocast dtype: auto (bf16 on CUDA GPUs that support it, float32 on CPU, where bf16
+    autocast measured slower), bfloat16 or float32."""
+    max_failures: int = 2
+    """Ray Train restarts of a crashed run from its last checkpoint."""
 
     def __post_init__(self):
         _positive(self, "max_iters", "batch_size", "grad_accum", "lr", "eval_interval",
                   "eval_iters", "log_interval", "num_workers", "beta1", "beta2")
-        _non_negative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip")
+        _non_negative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip",
+                      "max_failures")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise ValueError(f"TrainLmConfig betas must be < 1, got ({self.beta1}, {self.beta2})")
         _choice(self, "dtype", ("auto", "bfloat16", "float32"))
         if self.min_lr > self.lr:
             raise ValueError(f"TrainLmConfig.min_lr ({self.min_lr}) must be <= lr ({self.lr})")
@@ -157,23 +166,35 @@ class ActsConfig:
     tokens_per_context: int = 200
     """Positions sampled without replacement per context (seed: 200 of 1024; paper: 250)."""
     n_contexts: int = 0
-    """Train contexts to run (0 = every context in the token shards)."""
+    """Train contexts to run: the first n of the token shards (0 = every context)."""
     batch_contexts: int = 8
     """Contexts per LM forward in an actor."""
+    shard_contexts: int = 1024
+    """Contexts per activation shard, part-{first ctx:09d}.parquet; fixed, so a rerun maps to
+    the same names (paper: 1024 x 200 rows, ~210 MB fp16)."""
+    row_group_rows: int = 4096
+    """Parquet row-group size; the training reader mixes one row group from each of
+    shuffle_buffer / row_group_rows shards (4 MB at H=512 fp16)."""
     dtype: str = "float16"
-    """Stored activation dtype: float16, bfloat16 or float32."""
-    compression: str = "none"
-    """Parquet compression: none or zstd (fp16 activations barely compress)."""
+    """Stored activation dtype: float16, bfloat16 (uint16 bits) or float32."""
+    compression: str = "zstd"
+    """Parquet compression: zstd (level 1 over byte-stream-split floats) or none."""
     max_actors: int = 0
     """Largest actor pool (0 = one per GPU, or CPUs - 1 on CPU)."""
+    cpus_per_actor: int = 1
+    """Logical CPUs each actor reserves; it overlaps that many shard writes with the LM, so
+    give GPU actors several (writing Parquet is the GPU node's bottleneck)."""
+    threads_per_actor: int = 0
+    """torch threads per CPU actor (0 = the node's cores / actors)."""
     use_gpu: bool = False
     """Give each collection actor one GPU."""
     overwrite: bool = False
-    """Replace shards written from a different LM instead of refusing."""
+    """Replace shards written from a different LM or settings instead of refusing."""
 
     def __post_init__(self):
-        _positive(self, "tokens_per_context", "batch_contexts")
-        _non_negative(self, "n_contexts", "max_actors")
+        _positive(self, "tokens_per_context", "batch_contexts", "shard_contexts",
+                  "row_group_rows", "cpus_per_actor")
+        _non_negative(self, "n_contexts", "max_actors", "threads_per_actor")
         _choice(self, "dtype", DTYPES)
         _choice(self, "compression", ("none", "zstd"))
 
@@ -248,6 +269,9 @@ class SweepConfig:
     """Retries of a crashed trial from its last checkpoint."""
     pool_rows: int = 819_200
     """Rows the shared ResamplePool actor holds (refreshed after each draw)."""
+    pool_rows_per_group: int = 512
+    """Rows the pool takes from each Parquet row group it reads: a refill of n rows reads
+    ~n / this row groups instead of ~n (paper: 1.6 k of 97 k groups for 819,200 rows)."""
     wandb: bool = False
     """Log to Weights & Biases (offline when no WANDB_API_KEY is set)."""
 
@@ -260,7 +284,7 @@ class SweepConfig:
             for v in getattr(self, name):
                 if not (v > 0 and math.isfinite(v)):
                     raise ValueError(f"SweepConfig.{name} values must be positive, got {v!r}")
-        _positive(self, "pool_rows")
+        _positive(self, "pool_rows", "pool_rows_per_group")
         _non_negative(self, "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
                       "max_failures")
 
@@ -270,23 +294,49 @@ class AnalysisConfig:
     """Stage 5: per-feature statistics over the activation shards and static HTML pages."""
 
     trial: str = ""
-    """Trial to analyse ('' = the sweep's best by loss_recovered within the L0 target)."""
+    """Trial to analyse: a trial name of the sweep's trials.json, or a path to an SAE export
+    dir (cfg.json + sae.safetensors); '' = the sweep's best by loss_recovered among trials
+    with L0 <= target_l0, else <out>/sae_single/sae."""
     max_rows: int = 0
-    """Activation rows scanned (0 = all)."""
+    """Activation rows scanned (0 = all): the first rows of every shard, in proportion
+    (rows are shuffled within a shard, so that is a uniform sample of each)."""
     top_k: int = 10
     """Top activating examples kept per feature."""
     n_intervals: int = 12
-    """Activation-value intervals sampled per feature (paper style)."""
+    """Activation-value intervals between 0 and each feature's max, sampled (paper: 11-12,
+    evenly spaced in value; the seed's rank quantiles were not)."""
     samples_per_interval: int = 5
     """Examples kept per interval."""
     window: int = 4
     """Tokens shown on each side of the activating token (paper: 4)."""
     target_l0: float = 20.0
     """Largest L0 a trial may have to be picked as 'best' by default."""
+    hist_bins: int = 32
+    """Bins of each feature's activation histogram, evenly spaced over (0, max]."""
+    logit_tokens: int = 10
+    """Tokens listed at each end of a feature's logit effects (seed, paper: 10)."""
+    ultralow_density: float = 1e-5
+    """Alive features below this density are 'ultralow' (the training metrics' cutoff)."""
+    dense_density: float = 1e-2
+    """Features above this density are 'dense' (the training metrics' cutoff)."""
+    seed_cutoff: float = 1e-3
+    """Density splitting the seed's high_density.html from ultra_low_density.html."""
+    batch_rows: int = 4096
+    """Activation rows encoded per SAE forward in a scan task."""
+    n_tasks: int = 0
+    """Ray tasks per pass over the shards (0 = 2 per CPU of the cluster)."""
+    use_gpu: bool = False
+    """Give each scan task one GPU (the SAE forward then runs on CUDA)."""
 
     def __post_init__(self):
-        _positive(self, "top_k", "n_intervals", "samples_per_interval", "target_l0")
-        _non_negative(self, "max_rows", "window")
+        _positive(self, "top_k", "n_intervals", "samples_per_interval", "target_l0",
+                  "hist_bins", "logit_tokens", "batch_rows")
+        _non_negative(self, "max_rows", "window", "n_tasks")
+        for name in ("ultralow_density", "dense_density", "seed_cutoff"):
+            _fraction(self, name)
+        if not self.ultralow_density < self.dense_density:
+            raise ValueError(f"AnalysisConfig.ultralow_density ({self.ultralow_density}) must "
+                             f"be < dense_density ({self.dense_density})")
 
 
 @dataclass(frozen=True)
@@ -308,6 +358,8 @@ class Config:
     def __post_init__(self):
         if not self.out:
             raise ValueError("Config.out must be a directory, got ''")
+        # numpy's default_rng rejects negative seeds deep inside a stage: refuse them here.
+        _non_negative(self, "seed")
         if self.lm.block_size < self.tokens.ctx_len:
             raise ValueError(
                 f"lm.block_size ({self.lm.block_size}) must be >= tokens.ctx_len "
@@ -389,8 +441,10 @@ PRESETS: dict[str, Config] = {
         tokens=TokensConfig(ctx_len=64, docs_per_block=256),
         lm=LmConfig(d_model=32, n_head=2, d_mlp=128, block_size=64),
         train_lm=TrainLmConfig(max_iters=30, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4,
-                               warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10),
-        acts=ActsConfig(tokens_per_context=16, n_contexts=256, batch_contexts=16),
+                               warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10,
+                               max_failures=0),
+        acts=ActsConfig(tokens_per_context=16, n_contexts=0, batch_contexts=16,
+                        shard_contexts=64, row_group_rows=256),
         sae=SaeConfig(n_features=256, batch_size=256, n_steps=0, resample_at=(8,),
                       dead_window=4, resample_inputs=1024, geom_median_samples=512,
                       shuffle_buffer=2048, eval_interval=8, eval_contexts=4,
@@ -401,12 +455,22 @@ PRESETS: dict[str, Config] = {
     ),
     "demo": Config(
         out="runs/demo",
-        tokens=TokensConfig(ctx_len=128, val_fraction=0.02, min_val_docs=8),
+        # Embedded corpus (Python 3.11.7): 724 documents, 644 k tokens. 5% of the documents
+        # give 150-380 val contexts of 128 over seeds 0-4 (2% gave 55-150 from 11-21 docs).
+        tokens=TokensConfig(ctx_len=128, val_fraction=0.05, min_val_docs=16),
         lm=LmConfig(block_size=128),
-        train_lm=TrainLmConfig(max_iters=1500, batch_size=32, grad_accum=1, lr=3e-3,
-                               min_lr=3e-4, warmup_iters=100, eval_interval=250, eval_iters=10,
+        # ~307 k tokens (0.5 epoch) in ~3.5 min on 2 cores (~1.5 k tokens/s). Tuned with fp32
+        # learning curves at 300-800 k tokens: 4 contexts/step at lr 3e-3 learned the most per
+        # token (8 or more per step, or a higher lr, less; 2 no better). Val loss 5.51 nats:
+        # 0.35 below the val targets' unigram entropy, 0.83 below a train-unigram model
+        # (1 nat below the latter takes ~500 k tokens, ~6 min; below the former, ~2 M).
+        train_lm=TrainLmConfig(max_iters=600, batch_size=4, grad_accum=1, lr=3e-3,
+                               min_lr=3e-4, warmup_iters=30, eval_interval=300, eval_iters=40,
                                log_interval=50),
-        acts=ActsConfig(tokens_per_context=32, n_contexts=0, batch_contexts=32),
+        # Half the positions of T=128 (paper: 250 of 1024): ~300 k rows from the embedded
+        # corpus's ~4.7 k train contexts, collected in well under a minute on 2 cores.
+        acts=ActsConfig(tokens_per_context=64, n_contexts=0, batch_contexts=32,
+                        shard_contexts=256),
         sae=SaeConfig(n_features=2048, batch_size=1024, n_steps=0, resample_at=(1000, 2000),
                       dead_window=500, resample_inputs=65_536, geom_median_samples=4096,
                       shuffle_buffer=65_536, eval_interval=500, eval_contexts=32,
@@ -417,8 +481,9 @@ PRESETS: dict[str, Config] = {
         out="runs/paper",
         tokens=TokensConfig(corpus="hf:Skylion007/openwebtext", ctx_len=1024,
                             val_fraction=0.0005),
+        # GPU nodes of cluster.yaml (8 CPUs, 1 GPU): 6 CPUs write shards while the GPU runs.
         acts=ActsConfig(tokens_per_context=200, n_contexts=2_000_000, batch_contexts=64,
-                        use_gpu=True),
+                        use_gpu=True, cpus_per_actor=6),
         train_lm=TrainLmConfig(use_gpu=True),
         sae=SaeConfig(device="auto"),
         sweep=SweepConfig(gpus_per_trial=0.25, cpus_per_trial=2.0),

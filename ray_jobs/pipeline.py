@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         print(f"\n=== [{i}/{len(STAGES)}] {stage}: mono.{module}.run ===", flush=True)
         t0 = time.perf_counter()
-        run(cfg)
+        out = run(cfg)
         seconds = time.perf_counter() - t0
+        if isinstance(out, dict) and "report" in out:  # the sweep's HTML report
+            print(f"sweep report: {out['report']}")
         files = files_under(stage_dir(stage, cfg))
         results.append({"stage": stage, "ran": True, "seconds": seconds,
                         "dir": stage_dir(stage, cfg), "files": len(files),

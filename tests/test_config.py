@@ -36,7 +36,7 @@ ZERO_OK = {
     ("acts", "n_contexts"), ("acts", "max_actors"), ("acts", "threads_per_actor"),
     ("sae", "n_steps"), ("sweep", "cpus_per_trial"),
     ("sweep", "gpus_per_trial"), ("sweep", "max_concurrent_trials"), ("sweep", "max_failures"),
-    ("analysis", "max_rows"), ("analysis", "window"), ("top", "seed"),
+    ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"), ("top", "seed"),
 }
 
 
