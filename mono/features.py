@@ -1,0 +1,636 @@
+"""Stage 5: a trained SAE over the activation shards -> per-feature tables (and the pages).
+
+Reads <out>/acts (manifest + shards: ctx, pos, token, acts), the SAE export dir of one trial
+(cfg.json + sae.safetensors), <out>/lm (c_proj, ln_f, unembedding for the logit effects) and
+<out>/tokens (the context windows). Writes <out>/analysis/<trial>/:
+
+    features.parquet   one row per feature: count, density, density class, max and mean
+                       activation, activation histogram, interval counts, logit effects
+    examples.json      per feature: top-k activations and value-interval samples, each with
+                       (ctx, pos), the activation and its decoded context window
+    summary.json       trial, SAE dir, rows scanned, L0, class counts, timings
+    html/              the feature browser (mono.pages)
+
+Two passes of Ray tasks over groups of row groups (`scan`, results merged on the driver as
+they arrive), each task keeping per feature only bounded state, whatever the rows scanned:
+  1. `TopStats`: count and sum of f > 0, and the top-k activations with (ctx, pos). Only
+     positive activations are candidates (the seed's per-batch top-k reported zeros for
+     rarely active features).
+  2. `IntervalStats`, given pass 1's max per feature: `n_intervals` intervals evenly spaced
+     in activation VALUE between 0 and the max (paper; the seed used rank quantiles), each
+     with its count and `samples_per_interval` uniform samples without replacement (every
+     active (row, feature) pair draws a U(0,1) key, an interval keeps its smallest keys:
+     exact to merge across tasks), and a `hist_bins` histogram over the same range.
+Both keep their examples in a `SmallestK` (top-k: key = -activation), fed with the batch's
+nonzero (row, feature) pairs, so a batch costs the SAE encode, one nonzero pass and work on
+the ~L0 x N active pairs. Two passes rather than one into fixed log bins re-binned at the
+end: the paper's intervals are linear in the max, unknown until the scan ends, and a second
+encode of the same rows is simpler and exact. Both passes read the same rows; sampling keys
+are seeded per row group, so results do not depend on how row groups are spread over tasks.
+
+Logit effects (paper: d_i W_down pi L W_unembed): the decoder row W_dec[i] through c_proj,
+mean removal (pi, LayerNorm's centring), ln_f's gain divided by a typical residual scale
+(the median per-token std of the final residual over a few train contexts: LayerNorm as a
+linear map), then the tied unembedding; centred on the median over the 50257 GPT-2 ids;
+the top and bottom `logit_tokens`.
+
+Context windows: +-`window` tokens around each example, clipped at the context's edges,
+from the token shards (each token file read once); decoded as one byte string per window
+(never token by token: GPT-2 splits multi-byte characters across tokens, and decoding the
+pieces alone gives U+FFFD). A window edge that cuts a character is widened by a token; the
+highlighted span is widened to whole characters.
+
+Limits: densities come from the rows scanned (resolution 1 / rows); ultralow needs >= 1e5
+rows to mean anything. Feature ablation effects (the seed's build_website) are not computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from mono import acts, pages, store
+from mono.config import Config
+from mono.sae import SparseAutoencoder
+from mono.tokens import gpt2
+from mono.train_sae import load_sae
+
+logger = logging.getLogger(__name__)
+
+# Shapes: N rows in a batch, H d_mlp, F features, K top_k, I intervals, S samples per
+# interval, B histogram bins, D d_model, V vocab.
+
+GPT2_VOCAB = 50257  # real ids; the LM pads V to 50304 (seed), padding rows never occur
+SAE_FILES = ("cfg.json", "sae.safetensors")
+_KEYS = 7  # domain tag for the interval-sampling keys, np.random.default_rng([seed, 7, ...])
+
+
+# --- which SAE ---------------------------------------------------------------------------
+
+
+def sweep_dir(cfg: Config) -> str:
+    """<storage>/<experiment> of the sweep (cfg.sweep.storage_path or <out>/sweep)."""
+    return store.join(cfg.sweep.storage_path or store.Layout(cfg.out).sweep, cfg.sweep.name)
+
+
+def _metric(trial: dict, key: str):
+    value = trial.get(key, (trial.get("metrics") or {}).get(key))
+    return float(value) if value is not None else math.nan
+
+
+def best_trial(trials: list[dict], target_l0: float) -> tuple[dict, str]:
+    """The finished trial (mono.sweep's trials.json entries: name, status, sae_dir,
+    metrics) with the highest loss_recovered among those with l0 <= target_l0; if none
+    qualifies, the best by loss_recovered overall. -> (trial, note for the user)."""
+    scored = [t for t in trials if t.get("status", "done") == "done"
+              and math.isfinite(_metric(t, "loss_recovered"))]
+    if not scored:
+        raise ValueError(f"no trial in trials.json has a loss_recovered metric: "
+                         f"{[t.get('name') for t in trials]}")
+    within = [t for t in scored if _metric(t, "l0") <= target_l0]
+    best = max(within or scored, key=lambda t: _metric(t, "loss_recovered"))
+    note = (f"best of {len(within)} trial(s) with L0 <= {target_l0:g}" if within else
+            f"no trial has L0 <= {target_l0:g} (lowest {min(_metric(t, 'l0') for t in scored):.3g})"
+            f"; taking the best loss_recovered overall")
+    return best, note
+
+
+def _trial_sae_dir(trial: dict, experiment: str) -> str:
+    path = trial.get("sae_dir") or store.join(trial["name"], "sae")
+    return path if store.is_uri(path) or os.path.isabs(path) else store.join(experiment, path)
+
+
+def _is_sae_dir(path: str) -> bool:
+    return all(store.exists(store.join(path, f)) for f in SAE_FILES)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,-]+", "_", name).strip("._") or "sae"
+
+
+def resolve_trial(cfg: Config) -> tuple[str, str, str]:
+    """-> (trial name, SAE export dir, how it was chosen). See AnalysisConfig.trial."""
+    want, experiment = cfg.analysis.trial, sweep_dir(cfg)
+    trials_path = store.join(experiment, "trials.json")
+    trials = store.read_json(trials_path)["trials"] if store.exists(trials_path) else []
+    if want:
+        named = [t for t in trials if t.get("name") == want]
+        if named and named[0].get("status", "done") != "done":
+            raise ValueError(f"trial {want!r} of {trials_path} is {named[0]['status']}, "
+                             f"not done: it has no SAE export")
+        if named:
+            return _safe_name(want), _trial_sae_dir(named[0], experiment), f"trial {want}"
+        for path in (want, store.join(want, "sae")):
+            if _is_sae_dir(path):
+                parent = path.rstrip("/").rsplit("/", 2)
+                name = parent[-2] if parent[-1] == "sae" and len(parent) > 1 else parent[-1]
+                return _safe_name(name), path, f"SAE dir {path}"
+        raise ValueError(f"--trial {want!r} is neither a trial of {trials_path} "
+                         f"({[t.get('name') for t in trials]}) nor an SAE export dir "
+                         f"(holding {' + '.join(SAE_FILES)})")
+    if trials:
+        best, note = best_trial(trials, cfg.analysis.target_l0)
+        return _safe_name(best["name"]), _trial_sae_dir(best, experiment), note
+    single = store.join(cfg.out, "sae_single", "sae")
+    if _is_sae_dir(single):
+        return "sae_single", single, f"no {trials_path}; the single run {single}"
+    raise FileNotFoundError(f"no SAE to analyse: neither {trials_path} nor {single} exists; "
+                            f"run `python -m ray_jobs.sweep_sae --out {cfg.out}` or pass --trial")
+
+
+# --- the scan: bounded per-feature state -------------------------------------------------
+
+
+class SmallestK:
+    """For each of G groups, the S entries with the smallest keys seen, with their payload
+    (activation, ctx, pos): (G, S) buffers, independent of how many entries were offered.
+
+    `offer` first drops every entry whose key is not below its group's current S-th key, so
+    once the buffers fill, a batch costs a gather and a compare per entry and a sort of the
+    few survivors (plus their groups' held entries).
+    """
+
+    def __init__(self, groups: int, size: int):
+        self.key = torch.full((groups, size), math.inf, dtype=torch.float64)   # (G, S)
+        self.val = torch.zeros(groups, size)                                  # (G, S)
+        self.ctx = torch.full((groups, size), -1, dtype=torch.int64)          # (G, S)
+        self.pos = torch.full((groups, size), -1, dtype=torch.int32)          # (G, S)
+
+    def offer(self, g, key, val, ctx, pos) -> None:
+        """Entries (n,) each: group, key (float64), activation, ctx, pos."""
+        new = key < self.key[g, -1]
+        if not bool(new.any()):
+            return
+        g, key, val, ctx, pos = g[new], key[new], val[new], ctx[new], pos[new]
+        rows = torch.unique(g)                                               # touched groups
+        held = torch.isfinite(self.key[rows])                                # (u, S)
+        g = torch.cat([rows.unsqueeze(1).expand_as(held)[held], g])
+        key, val, ctx, pos = (torch.cat([buf[rows][held], x]) for buf, x in (
+            (self.key, key), (self.val, val), (self.ctx, ctx), (self.pos, pos)))
+        order = torch.argsort(key)
+        order = order[torch.argsort(g[order], stable=True)]   # by group, then by key
+        g, key, val, ctx, pos = g[order], key[order], val[order], ctx[order], pos[order]
+        rank = torch.arange(len(g)) - torch.searchsorted(g, g)               # within group
+        keep = rank < self.key.shape[1]
+        g, rank = g[keep], rank[keep]
+        self.key[rows] = math.inf
+        self.key[g, rank], self.val[g, rank] = key[keep], val[keep]
+        self.ctx[g, rank], self.pos[g, rank] = ctx[keep], pos[keep]
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group, slot) of every filled entry, slots in key order."""
+        return torch.isfinite(self.key).nonzero(as_tuple=True)
+
+    def merge(self, other: SmallestK) -> None:
+        g, s = other.held()
+        self.offer(g, other.key[g, s], other.val[g, s], other.ctx[g, s], other.pos[g, s])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.val, self.ctx, self.pos))
+
+
+class TopStats:
+    """Pass 1 state: per feature the count and sum of f > 0, and the top-k activations with
+    their (ctx, pos) (a SmallestK keyed by -activation: positive activations only, where the
+    seed's per-batch top-k reported zeros). Size F*(16 + 20K) bytes whatever the rows."""
+
+    def __init__(self, n_features: int, k: int):
+        self.rows = 0
+        self.count = torch.zeros(n_features, dtype=torch.int64)              # (F,)
+        self.total = torch.zeros(n_features, dtype=torch.float64)            # (F,)
+        self.best = SmallestK(n_features, k)                                 # (F, K)
+
+    def update(self, f: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor) -> None:
+        """f (N, F) >= 0, ctx (N,) int64, pos (N,) int32, all on the CPU."""
+        self.rows += f.shape[0]
+        r, c = f.nonzero(as_tuple=True)                                      # (nnz,) each
+        v = f[r, c]                                                          # (nnz,)
+        self.count += torch.bincount(c, minlength=len(self.count))
+        self.total += torch.bincount(c, weights=v.double(), minlength=len(self.total))
+        self.best.offer(c, -v.double(), v, ctx[r], pos[r])
+
+    @property
+    def max_act(self) -> torch.Tensor:
+        """(F,) largest activation per feature (0 for a feature that never fired)."""
+        return torch.where(torch.isfinite(self.best.key[:, 0]), self.best.val[:, 0], 0.0)
+
+    def merge(self, other: TopStats) -> None:
+        self.rows += other.rows
+        self.count += other.count
+        self.total += other.total
+        self.best.merge(other.best)
+
+    def nbytes(self) -> int:
+        return self.count.numel() * 16 + self.best.nbytes()
+
+
+class IntervalStats:
+    """Pass 2 state, given each feature's max: per feature `n_intervals` value intervals
+    [0, max/I), [max/I, 2max/I), ..., [(I-1)max/I, max] with counts and S uniform samples
+    each (active values only, so the first starts above 0), and a B-bin histogram over the
+    same range. Size F*(I*S*20 + I*8 + B*8) bytes, independent of the rows.
+
+    Sampling: each active (row, feature) pair draws a key u ~ U(0, 1) (seeded per piece);
+    an interval keeps the S pairs with the smallest keys (a SmallestK), a uniform sample
+    without replacement of its pairs; the union of two states keeps the S smallest again.
+    """
+
+    def __init__(self, max_act: torch.Tensor, n_intervals: int, per_interval: int,
+                 n_bins: int):
+        F = len(max_act)
+        self.max_act, self.I, self.B = max_act.float(), n_intervals, n_bins
+        self.counts = torch.zeros(F * n_intervals, dtype=torch.int64)        # (F*I,)
+        self.hist = torch.zeros(F * n_bins, dtype=torch.int64)               # (F*B,)
+        self.samples = SmallestK(F * n_intervals, per_interval)              # (F*I, S)
+
+    def update(self, f: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor,
+               rng: np.random.Generator) -> None:
+        """f (N, F) >= 0, ctx (N,), pos (N,); rng draws the sampling keys."""
+        r, c = f.nonzero(as_tuple=True)                                      # (nnz,) each
+        v = f[r, c]                                                          # (nnz,)
+        frac = v / self.max_act[c].clamp_min(1e-30)                          # (nnz,) in (0, 1]
+        j = (frac * self.I).long().clamp_(0, self.I - 1)
+        b = (frac * self.B).long().clamp_(0, self.B - 1)
+        g = c * self.I + j                                                   # interval id
+        self.counts += torch.bincount(g, minlength=len(self.counts))
+        self.hist += torch.bincount(c * self.B + b, minlength=len(self.hist))
+        key = torch.from_numpy(rng.random(len(v)))                           # (nnz,) float64
+        self.samples.offer(g, key, v, ctx[r], pos[r])
+
+    def merge(self, other: IntervalStats) -> None:
+        self.counts += other.counts
+        self.hist += other.hist
+        self.samples.merge(other.samples)
+
+    def nbytes(self) -> int:
+        return (self.counts.numel() + self.hist.numel()) * 8 + self.samples.nbytes()
+
+
+def _open(path: str) -> pq.ParquetFile:
+    fs, p = store.resolve(path)
+    return pq.ParquetFile(fs.open_input_file(p))
+
+
+def plan_pieces(shards: dict, max_rows: int) -> list[tuple[int, int, int]]:
+    """[(file index, row group, rows to take from its start)] covering >= max_rows rows (0 =
+    all), the same fraction of every shard (rows are shuffled within a shard at collection,
+    so a shard's first rows are a uniform sample of it)."""
+    total = sum(shards["rows"])
+    frac = 1.0 if not max_rows or max_rows >= total else max_rows / total
+    pieces = []
+    for fi, path in enumerate(shards["files"]):
+        want = math.ceil(shards["rows"][fi] * frac - 1e-9)
+        handle = _open(path)
+        sizes = [handle.metadata.row_group(j).num_rows for j in range(handle.num_row_groups)]
+        handle.close()
+        for j, n in enumerate(sizes):
+            if want <= 0:
+                break
+            pieces.append((fi, j, min(n, want)))
+            want -= n
+    return pieces
+
+
+def split_tasks(pieces: list, n_tasks: int) -> list[list]:
+    """Contiguous groups of pieces with about equal rows, at most n_tasks of them."""
+    total = sum(p[2] for p in pieces)
+    groups, current, acc = [], [], 0
+    per = total / max(1, min(n_tasks, len(pieces)))
+    for p in pieces:
+        current.append(p)
+        acc += p[2]
+        if acc >= per * (len(groups) + 1) - 1e-9:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: dict):
+    """Encode the rows of `pieces` and accumulate one pass's state (no Ray needed).
+
+    params: kind ("top" or "intervals"), k / max_act, n_intervals, per_interval, n_bins,
+    batch_rows, seed, device. Returns a TopStats or an IntervalStats (on the CPU).
+    """
+    device = params.get("device", "cpu")
+    H, F = sae_state["W_enc"].shape
+    sae = SparseAutoencoder(H, F, l1_coeff=0.0)
+    sae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sae_state.items()})
+    sae = sae.to(device).eval()
+    if params["kind"] == "top":
+        state = TopStats(F, params["k"])
+    else:
+        state = IntervalStats(torch.from_numpy(np.array(params["max_act"])),
+                              params["n_intervals"], params["per_interval"], params["n_bins"])
+    for fi, rg, take in pieces:
+        handle = _open(files[fi])
+        table = handle.read_row_group(rg, columns=["ctx", "pos", "acts"]).slice(0, take)
+        handle.close()
+        x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
+        ctx = torch.from_numpy(table.column("ctx").to_numpy().copy())  # Arrow's is read-only
+        pos = torch.from_numpy(table.column("pos").to_numpy().astype(np.int32))
+        rng = np.random.default_rng([params["seed"], _KEYS, fi, rg])
+        for s in range(0, take, params["batch_rows"]):
+            xb = acts.to_float32(np.array(x[s:s + params["batch_rows"]]), dtype)  # writable
+            with torch.no_grad():
+                f = sae.encode(xb.to(device)).cpu()                          # (N, F)
+            if params["kind"] == "top":
+                state.update(f, ctx[s:s + len(f)], pos[s:s + len(f)])
+            else:
+                state.update(f, ctx[s:s + len(f)], pos[s:s + len(f)], rng)
+    return state
+
+
+def _scan_all(cfg: Config, groups: list, shards: dict, sae_ref, params: dict, merged):
+    """Run `scan` over every group as Ray tasks, merging results into `merged` as they
+    finish (driver memory: the state + the results in flight)."""
+    a = cfg.analysis
+    remote = ray.remote(scan).options(num_cpus=1, num_gpus=1 if a.use_gpu else 0,
+                                      max_retries=3)
+    params = params | {"device": "cuda" if a.use_gpu else "cpu", "batch_rows": a.batch_rows,
+                       "seed": cfg.seed}
+    pending = [remote.remote(g, shards["files"], shards["dtype"], sae_ref, params)
+               for g in groups]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        merged.merge(ray.get(done[0]))
+    return merged
+
+
+# --- logit effects -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def residual_scale(lm, tokens: np.ndarray) -> float:
+    """Median over tokens of the final residual's std across D (what ln_f divides by):
+    tokens (n, T) -> float."""
+    site = lm.mlp_site(torch.from_numpy(tokens.astype(np.int64)))
+    x = site.resid + lm.transformer.h[-1].mlp.c_proj(site.acts)              # (n, T, D)
+    return float(x.std(dim=-1, unbiased=False).median())
+
+
+@torch.no_grad()
+def logit_effects(lm, W_dec: torch.Tensor, scale: float, n: int, chunk: int = 256):
+    """Each feature's direct effect on the logits, LayerNorm linearised (module doc).
+
+    W_dec (F, H) -> (top ids (F, n), top values, bottom ids (F, n), bottom values), values
+    relative to the median over the GPT-2 vocabulary.
+    """
+    W_down = lm.transformer.h[-1].mlp.c_proj.weight                          # (D, H)
+    gain = lm.transformer.ln_f.weight / scale                                # (D,)
+    W_U = lm.lm_head.weight[:GPT2_VOCAB]                                     # (V, D)
+    out = [[], [], [], []]
+    for d in W_dec.split(chunk):
+        u = d @ W_down.T                                                     # (c, D)
+        u = (u - u.mean(dim=1, keepdim=True)) * gain                         # pi, then L
+        logits = u @ W_U.T                                                   # (c, V)
+        logits -= logits.median(dim=1, keepdim=True).values
+        top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        for lst, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values)):
+            lst.append(t)
+    return tuple(torch.cat(t).numpy() for t in out)
+
+
+def token_text(enc, token: int) -> str:
+    """One vocabulary entry as text; bytes that are part of a multi-byte character (GPT-2
+    splits those) show as \\xNN escapes rather than U+FFFD."""
+    if token >= enc.n_vocab:
+        return f"<|{token}|>"
+    return enc.decode_single_token_bytes(int(token)).decode("utf-8", errors="backslashreplace")
+
+
+# --- context windows ---------------------------------------------------------------------
+
+
+def _cont(byte: int) -> bool:
+    return 0x80 <= byte < 0xC0  # a UTF-8 continuation byte
+
+
+def _incomplete_tail(data: bytes) -> bool:
+    """Whether data ends inside a multi-byte UTF-8 character."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if not _cont(byte):
+            need = 2 if byte >= 0xC0 else 1
+            need = 3 if byte >= 0xE0 else need
+            need = 4 if byte >= 0xF0 else need
+            return need > back
+    return False
+
+
+def decode_window(enc, tokens, pos: int, window: int) -> tuple[str, str, str]:
+    """tokens (T,) of one context -> (left, token, right) text of the window pos +- window.
+
+    The window's bytes are decoded as whole runs: an edge inside a character widens the
+    window (a character has at most 3 continuation bytes, so 3 tokens per side suffice); the
+    token's span widens to whole characters. A fragment cut by the context's own edge (its
+    other bytes are not in the context) is dropped, or shown as \\xNN in the token itself.
+    """
+    T = len(tokens)
+    lo, hi = max(0, pos - window), min(T, pos + window + 1)
+    a, b = max(0, lo - 3), min(T, hi + 3)   # a character has at most 3 continuation bytes
+    vocab = _vocab_bytes(enc)
+    parts = [vocab[t] if t < len(vocab) else b"" for t in tokens[a:b].tolist()]  # [i - a]
+    while lo > a and (not parts[lo - a] or _cont(parts[lo - a][0])):
+        lo -= 1
+    while hi < b and _incomplete_tail(b"".join(parts[max(lo, hi - 4) - a:hi - a])):
+        hi += 1
+    data = b"".join(parts[lo - a:hi - a])
+    head, tail = 0, len(data)
+    while head < tail and _cont(data[head]):
+        head += 1
+    if _incomplete_tail(data):
+        tail = max(i for i in range(max(0, tail - 4), tail) if not _cont(data[i]))
+    s0 = sum(len(p) for p in parts[lo - a:pos - a])                      # the token's bytes
+    e0 = s0 + len(parts[pos - a])
+    start, end = min(max(s0, head), tail), min(max(e0, head), tail)
+    while start > head and start < tail and _cont(data[start]):
+        start -= 1
+    while end < tail and _cont(data[end]):
+        end += 1
+    # The token keeps a fragment the context's edge cut (shown as \xNN, never U+FFFD).
+    start, end = min(start, s0), max(end, e0)
+    return (data[head:start].decode("utf-8", errors="replace"),
+            data[start:end].decode("utf-8", errors="backslashreplace"),
+            data[end:tail].decode("utf-8", errors="replace"))
+
+
+@functools.cache
+def _vocab_bytes(enc) -> tuple[bytes, ...]:
+    """Every token's bytes (one list lookup per token instead of a call into tiktoken)."""
+    return tuple(enc.decode_single_token_bytes(t) for t in range(enc.n_vocab))
+
+
+def fetch_windows(out: str, ctx: np.ndarray, pos: np.ndarray, window: int) -> list[tuple]:
+    """(left, token, right) for every example (ctx (n,), pos (n,)), reading each token file
+    that holds one of the contexts once (store.read_context per file)."""
+    enc = gpt2()
+    files = store.tokens_manifest(out)["splits"]["train"]["files"]
+    firsts = np.array([f["first"] for f in files], dtype=np.int64)
+    result: list[tuple] = [("", "", "")] * len(ctx)
+    which = np.searchsorted(firsts, ctx, side="right") - 1                   # (n,)
+    for fi in np.unique(which):
+        sel = np.flatnonzero(which == fi)
+        ids, inverse = np.unique(ctx[sel], return_inverse=True)
+        windows = store.read_context(out, ids)                               # (u, T)
+        for i, row in zip(sel, inverse):
+            result[i] = decode_window(enc, windows[row], int(pos[i]), window)
+    return result
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+def check_inputs(cfg: Config, sae: SparseAutoencoder, shards: dict, sae_dir: str):
+    """Raise before any work if the SAE, shards and LM do not fit together."""
+    if shards["H"] != sae.d_in:
+        raise ValueError(f"the SAE in {sae_dir} reads {sae.d_in}-wide activations but the "
+                         f"shards of {store.Layout(cfg.out).acts} hold H={shards['H']}")
+    for name, p in sae.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the SAE in {sae_dir} has NaN/Inf in {name}")
+    if not sum(shards["rows"]):
+        raise ValueError(f"no activation rows in {store.Layout(cfg.out).acts}")
+
+
+def density_class(density: np.ndarray, cfg: Config) -> np.ndarray:
+    a = cfg.analysis
+    return np.select([density == 0, density < a.ultralow_density, density > a.dense_density],
+                     ["dead", "ultralow", "dense"], "low")
+
+
+def run(cfg: Config) -> dict:
+    """Analyse one trial's SAE into <out>/analysis/<trial>/ (module doc); -> summary dict
+    (with "index": the feature browser's index.html)."""
+    a, t0 = cfg.analysis, time.perf_counter()
+    trial, sae_dir, how = resolve_trial(cfg)
+    sae, _ = load_sae(sae_dir)
+    shards = acts.shard_list(cfg.out)
+    check_inputs(cfg, sae, shards, sae_dir)
+    lm = store.load_lm(cfg.out)
+    if lm.cfg.d_mlp != sae.d_in:
+        raise ValueError(f"the LM in {store.Layout(cfg.out).lm} has d_mlp={lm.cfg.d_mlp}, the "
+                         f"SAE in {sae_dir} d_in={sae.d_in}")
+    logger.info("analysis: %s (%s), %d features", trial, how, sae.n_features)
+    pieces = plan_pieces(shards, a.max_rows)
+    n_tasks = a.n_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    groups = split_tasks(pieces, n_tasks)
+    sae_ref = ray.put({k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()})
+    t_scan = time.perf_counter()
+    top = _scan_all(cfg, groups, shards, sae_ref, {"kind": "top", "k": a.top_k},
+                    TopStats(sae.n_features, a.top_k))
+    t1 = time.perf_counter()
+    max_act = top.max_act                                                    # (F,)
+    inter = _scan_all(cfg, groups, shards, sae_ref,
+                      {"kind": "intervals", "max_act": max_act.numpy(),
+                       "n_intervals": a.n_intervals, "per_interval": a.samples_per_interval,
+                       "n_bins": a.hist_bins},
+                      IntervalStats(max_act, a.n_intervals, a.samples_per_interval,
+                                    a.hist_bins))
+    t2 = time.perf_counter()
+    table, scale = feature_table(cfg, lm, sae, top, inter)
+    examples = examples_json(cfg, top, inter) | {"residual_scale": scale}
+    t3 = time.perf_counter()
+    adir = store.Layout(cfg.out).analysis(trial)
+    classes = Counter(table.column("density_class").to_pylist())
+    summary = {"trial": trial, "sae_dir": sae_dir, "chosen": how, "rows": top.rows,
+               "rows_available": int(sum(shards["rows"])), "n_features": sae.n_features,
+               "l0": float(top.count.sum()) / max(top.rows, 1),
+               "classes": {c: classes.get(c, 0) for c in ("dead", "ultralow", "low", "dense")},
+               "analysis": dataclasses.asdict(a), "tasks": len(groups),
+               "seconds": {"setup": t_scan - t0, "pass_top": t1 - t_scan,
+                           "pass_intervals": t2 - t1, "tables": t3 - t2}}
+    store.write_table_atomic(store.join(adir, "features.parquet"), table)
+    # compact UTF-8: ~2/3 of the indented size (25 MB for the demo's 2048 features)
+    store.write_bytes_atomic(store.join(adir, "examples.json"), json.dumps(
+        examples, ensure_ascii=False, separators=(",", ":")).encode())
+    summary["index"] = pages.feature_browser(adir, summary)
+    summary["seconds"]["pages"] = time.perf_counter() - t3
+    summary["seconds"]["total"] = time.perf_counter() - t0
+    store.write_json(store.join(adir, "summary.json"), summary)
+    logger.info("analysis: %d rows, L0 %.1f, %s; %s in %.1f s", top.rows, summary["l0"],
+                summary["classes"], summary["index"], summary["seconds"]["total"])
+    return summary
+
+
+def _kept(top: TopStats, inter: IntervalStats, n_int: int) -> list[np.ndarray]:
+    """Every kept example, flattened: (feature, kind, slot, act, ctx, pos) arrays; kind 0 =
+    top-k (slot = rank), 1 + j = interval j (slot = sample)."""
+    cols = []
+    for kind, buf in ((0, top.best), (1, inter.samples)):
+        g, s = buf.held()
+        feat, sub = (g, torch.zeros_like(g)) if kind == 0 else (g // n_int, 1 + g % n_int)
+        cols.append([feat, sub, s, buf.val[g, s], buf.ctx[g, s], buf.pos[g, s].long()])
+    return [torch.cat(pair).numpy() for pair in zip(*cols)]
+
+
+def examples_json(cfg: Config, top: TopStats, inter: IntervalStats) -> dict:
+    """examples.json: per feature its top-k (by activation) and interval samples (each
+    sorted by activation), with decoded windows."""
+    n_int, F = cfg.analysis.n_intervals, len(top.count)
+    feat, kind, slot, act, ctx, pos = _kept(top, inter, n_int)
+    texts = fetch_windows(cfg.out, ctx, pos, cfg.analysis.window)
+    per_feature = [{"top": [], "intervals": [[] for _ in range(n_int)]} for _ in range(F)]
+    for i in np.lexsort((slot, kind, feat)):
+        left, token, right = texts[i]
+        ex = {"act": float(f"{act[i]:.6g}"), "ctx": int(ctx[i]), "pos": int(pos[i]),
+              "left": left, "token": token, "right": right}
+        box = per_feature[feat[i]]
+        (box["top"] if kind[i] == 0 else box["intervals"][kind[i] - 1]).append(ex)
+    for box in per_feature:
+        for samples in box["intervals"]:
+            samples.sort(key=lambda e: -e["act"])
+    return {"rows": top.rows, "window": cfg.analysis.window, "n_intervals": n_int,
+            "features": per_feature}
+
+
+def feature_table(cfg: Config, lm, sae: SparseAutoencoder, top: TopStats,
+                  inter: IntervalStats) -> tuple[pa.Table, float]:
+    """features.parquet (module doc) and the residual scale the logit effects used."""
+    F, enc = sae.n_features, gpt2()
+    n_ctx = int(store.tokens_manifest(cfg.out)["splits"]["train"]["rows"])
+    scale = residual_scale(lm, store.read_context(cfg.out, np.arange(min(16, n_ctx))))
+    top_ids, top_val, bot_ids, bot_val = logit_effects(lm, sae.W_dec.detach(), scale,
+                                                       cfg.analysis.logit_tokens)
+    count = top.count.numpy()
+    density = count / max(top.rows, 1)
+    mean = np.where(count > 0, top.total.numpy() / np.maximum(count, 1), 0.0)
+
+    def ints(rows):
+        return pa.array(list(rows), pa.list_(pa.int64()))
+
+    def texts(ids):
+        return pa.array([[token_text(enc, t) for t in row] for row in ids],
+                        pa.list_(pa.string()))
+
+    table = pa.table({
+        "feature": pa.array(np.arange(F, dtype=np.int32)),
+        "count": pa.array(count),
+        "density": pa.array(density),
+        "density_class": pa.array(density_class(density, cfg)),
+        "max_act": pa.array(top.max_act.numpy()),
+        "mean_act": pa.array(mean.astype(np.float32)),
+        "hist": ints(inter.hist.view(F, -1).numpy()),
+        "interval_counts": ints(inter.counts.view(F, -1).numpy()),
+        "logit_top_ids": ints(top_ids),
+        "logit_top": texts(top_ids),
+        "logit_top_values": pa.array(list(top_val), pa.list_(pa.float32())),
+        "logit_bottom_ids": ints(bot_ids),
+        "logit_bottom": texts(bot_ids),
+        "logit_bottom_values": pa.array(list(bot_val), pa.list_(pa.float32())),
+    })
+    return table, scale

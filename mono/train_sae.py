@@ -1,0 +1,770 @@
+"""Stage 4: train one sparse autoencoder on the activation shards; eval, checkpoints, export.
+
+Reads <out>/acts (manifest + Parquet shards), <out>/tokens/val (the eval contexts) and
+<out>/lm (the LM the eval splices the SAE into). Writes under `workdir`, a local directory:
+
+    checkpoint/     the latest checkpoint, replaced atomically (written to a temporary dir,
+                    then renamed): sae.safetensors, trainer.safetensors (FeatureAdam moments
+                    and per-feature step counts, the fired mask), state.json (step, reader
+                    position, resampling RNG, metrics history, cached eval baselines, what
+                    the run trained on), density.npy (eval densities (F,) of the last eval)
+    sae/            the export: cfg.json + sae.safetensors, and sae_lens/ (cfg.json +
+                    sae_weights.safetensors) in SAELens's on-disk format
+    metrics.json    the final metrics; history.json every eval's
+    density.png     log10 feature-density histogram of the last eval
+
+Training (paper; DESIGN.md "SAE"): `Trainer` steps (Adam with per-feature step counts,
+decoder gradient projection, renormalisation every step) on batches that `ActsReader`
+streams from the shards in one order seeded by cfg.seed alone, so every point of an
+l1 x lr grid trains on the same batches. n_steps = 0 means one pass without replacement
+(rows // batch_size, the remainder dropped, as the seed). A larger n_steps repeats the data
+in further reshuffled passes, with a warning: the paper trains without replacement and
+reports that repeated data kills features. b_dec starts at the geometric median of the
+first `geom_median_samples` rows of that same stream (paper; the seed skipped it), so the
+init too is identical across a sweep and costs one window read.
+
+Resampling (paper appendix; mono.resample): the fired mask is reset `dead_window` steps
+before each step in `resample_at`; right after that step, every feature that did not fire
+since is resampled from `resample_inputs` fresh rows of `source`. The default source draws
+uniform rows from the shards with a generator seeded by (seed, step), so a resumed run draws
+the same rows; a sweep passes its shared ResamplePool, whose draws are only as repeatable
+as the pool.
+
+Eval, every `eval_interval` steps and at the end, on a fixed held-out set: the first
+`eval_contexts` contexts of the val token split, every one of their T positions. One LM pass
+caches the residual entering the MLP and the MLP activations (float32 on the device:
+eval_contexts x T x (D + H) x 4 bytes, 168 MB for the paper preset); each eval encodes them
+and finishes the LM forward from x_hat, under inference_mode. The original and
+MLP-zero-ablated losses do not change, so they are computed once and kept in the
+checkpoint. Next-token targets as in train_lm: row r's last target is row r+1's first token.
+
+Metrics (one flat dict per eval, JSON-ready): step, examples (step x batch_size), l0 (mean
+active features per token), mse (mean over elements, the training normalisation), l1 (mean
+over tokens of sum_F f), loss (mse + l1_coeff * l1), explained_variance
+(1 - sum |x - x_hat|^2 / sum |x - mean x|^2), loss_orig, loss_zero, loss_sae (mean next-token
+cross-entropy, nats), loss_recovered = (loss_zero - loss_sae) / (loss_zero - loss_orig),
+nll_score = 1 - loss_recovered (the seed's logged name: lower is better; its code comment
+says the inverse), dead / ultralow / dense (features with eval density 0 / in (0, 1e-5) /
+above 1e-2; the paper's thresholds), dead_train (features that did not fire in training
+since the fired mask's last reset), n_resampled (total), samples_per_s (training only),
+plus eval_tokens, train_loss / train_mse / train_l0 (means over the steps since the last
+eval) and wall_s. Densities resolve only down to 1 / eval_tokens: with fewer than 1e5 eval
+tokens, ultralow is 0 by construction (the seed's 1e5-token evals had the same blind spot).
+
+Resume: `train` continues from `resume_from`, or from workdir/checkpoint when it exists. The
+checkpoint holds everything the loop depends on, so N steps straight and N/2 + resume + N/2
+give bit-identical weights (tests/test_train_sae.py, across a resampling). A checkpoint
+from another dictionary size, input width, SAE setting or activation dataset is refused.
+Test-only fault switch: MONO_TEST_SAE_FAIL_AT="<step>:<marker path>" raises RuntimeError
+once, right after that step's update (before its eval/checkpoint), if the marker file does
+not exist yet (it is created first), so a retried run resumes and passes.
+
+Loading the export elsewhere:
+
+    from mono.train_sae import load_sae
+    sae, cfg = load_sae("runs/demo/sae_single/sae")        # SparseAutoencoder + cfg.json
+
+    from sae_lens import SAE                               # SAELens 5.x and 6.x
+    sae = SAE.load_from_disk("runs/demo/sae_single/sae/sae_lens", device="cpu")
+
+The SAELens cfg.json uses the flat pre-6.0 keys (d_in, d_sae, architecture "standard",
+hook_name, model_name, ...) without a sae_lens_version, which SAELens 6 converts on load
+(`handle_pre_6_0_config`) and SAELens 5 reads as is. The hook name follows TransformerLens
+("blocks.0.mlp.hook_post"), but the model is mono's own LM, not a TransformerLens one:
+feed SAELens activations from `Lm.mlp_acts`.
+
+Limits: float32 only; workdir must be a local path (checkpoints rename directories); one
+process, one device; the eval holds its cache on the training device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mono import store
+from mono.acts import IDENTITY_KEYS, ActsReader, LocalShardSource, lm_checksum
+from mono.config import Config, SaeConfig
+from mono.lm import Lm
+from mono.resample import ResampleSource, resample
+from mono.sae import SparseAutoencoder, Trainer
+
+logger = logging.getLogger(__name__)
+
+FAIL_AT_ENV = "MONO_TEST_SAE_FAIL_AT"
+CHECKPOINT, EXPORT, SAE_LENS = "checkpoint", "sae", "sae_lens"
+SAE_WEIGHTS, TRAINER_STATE, STATE, DENSITY = (
+    "sae.safetensors", "trainer.safetensors", "state.json", "density.npy")
+METRICS, HISTORY, DENSITY_PNG = "metrics.json", "history.json", "density.png"
+ULTRALOW, DENSE = 1e-5, 1e-2
+"""Eval-density thresholds of the ultralow and dense counts (paper, seed)."""
+# SaeConfig fields a resume may change; any other difference means another experiment.
+RESUMABLE_CHANGES = ("n_steps", "eval_interval", "checkpoint_interval", "device")
+# Domain tags for np.random.default_rng([seed, tag, ...]): unrelated streams.
+_RESAMPLE, _SOURCE = 11, 12
+EVAL_CHUNK_ELEMENTS = 2**25
+"""Largest (tokens x F) block of feature activations one eval chunk holds (128 MB fp32)."""
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+
+def acts_checksum(manifest: dict) -> str:
+    """sha256 over what defines an activation dataset (not where or how fast it was written)."""
+    body = {k: manifest.get(k) for k in (*IDENTITY_KEYS, "H", "rows")}
+    body["files"] = [(f["name"], f["rows"]) for f in manifest["files"]]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_inputs(cfg: Config) -> dict:
+    """Validate the shards, the LM and the val split before training: returns
+    {H, rows, acts_sha256, lm_sha256, ctx_len, manifest}."""
+    manifest = store.acts_manifest(cfg.out)
+    H, where = manifest["H"], store.Layout(cfg.out).acts_manifest
+    if H != cfg.lm.d_mlp:
+        raise ValueError(f"activation shards in {where} are {H} wide, but lm.d_mlp is "
+                         f"{cfg.lm.d_mlp}: the SAE input width must match the LM's MLP")
+    lm_sha = lm_checksum(cfg.out)
+    if manifest["lm_sha256"] != lm_sha:
+        raise ValueError(f"activation shards in {where} come from another LM (sha256 "
+                         f"{manifest['lm_sha256'][:12]}) than {store.Layout(cfg.out).lm} "
+                         f"({lm_sha[:12]}): rerun collect_acts")
+    rows = manifest["rows"]
+    if rows < cfg.sae.batch_size:
+        raise ValueError(f"{rows} activation rows in {where} make no batch of "
+                         f"sae.batch_size={cfg.sae.batch_size}")
+    tm = store.tokens_manifest(cfg.out)
+    if tm["splits"]["val"]["rows"] == 0:
+        raise ValueError(f"no val contexts in {store.Layout(cfg.out).tokens('val')}: the eval "
+                         f"needs held-out contexts (raise tokens.val_fraction)")
+    return {"H": H, "rows": rows, "acts_sha256": acts_checksum(manifest), "lm_sha256": lm_sha,
+            "ctx_len": tm["ctx_len"], "manifest": manifest}
+
+
+def plan_steps(sc: SaeConfig, rows: int) -> tuple[int, int]:
+    """(steps, reader epochs): n_steps = 0 is one pass (rows // batch_size); more steps than
+    one pass holds read the data again in further passes (epochs = 0: endless)."""
+    per_pass = rows // sc.batch_size
+    steps = sc.n_steps or per_pass
+    if steps <= per_pass:
+        return steps, 1
+    logger.warning("sae.n_steps=%d needs %.2f passes over the %d activation rows: rows repeat "
+                   "(the paper trains on each row once)", steps, steps / per_pass, rows)
+    return steps, 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("sae.device='cuda' but CUDA is not available")
+    return torch.device(name)
+
+
+class _SeededSource:
+    """The default ResampleSource: uniform shard rows, drawn by a generator seeded by
+    (seed, step) so a resumed run draws what a straight one drew."""
+
+    def __init__(self, out: str, seed: int):
+        self.out, self.seed, self.step, self._src = out, seed, 0, None
+
+    def sample(self, n: int) -> np.ndarray:
+        if self._src is None:  # footers are read only when a resample happens
+            self._src = LocalShardSource(self.out, seed=self.seed)
+        return self._src.sample(n, seed=[self.seed, _SOURCE, self.step])
+
+
+# --- eval ------------------------------------------------------------------------------
+
+
+class EvalSet:
+    """The fixed eval set: the first `eval_contexts` val contexts through the LM, once.
+
+    resid (B, T, D) and acts (B, T, H) as `Lm.mlp_site` gives them, targets (B, T) (-1 = no
+    target), the baselines loss_orig / loss_zero and var_total = sum |x - mean x|^2.
+    """
+
+    def __init__(self, cfg: Config, lm: Lm, device: torch.device, n_features: int):
+        tm = store.tokens_manifest(cfg.out)
+        n_val, T = tm["splits"]["val"]["rows"], tm["ctx_len"]
+        n = min(cfg.sae.eval_contexts, n_val)
+        if n < cfg.sae.eval_contexts:
+            logger.warning("sae.eval_contexts=%d but the val split holds %d contexts: "
+                           "evaluating on %d", cfg.sae.eval_contexts, n_val, n)
+        rows = store.read_context(cfg.out, np.arange(min(n + 1, n_val)), "val")   # (n(+1), T)
+        idx = torch.from_numpy(rows[:n]).to(device)                               # (B, T)
+        last = rows[1:n + 1, 0] if n < n_val else np.append(rows[1:n, 0], -1)     # (B,)
+        targets = torch.cat([idx[:, 1:], torch.from_numpy(last).to(device)[:, None]], dim=1)
+        self.lm, self.targets, self.T = lm, targets, T
+        self.n_targets = int((targets != -1).sum())
+        self.n_tokens = n * T
+        # contexts per chunk: a (tokens, F) block of f within EVAL_CHUNK_ELEMENTS
+        self.chunk = max(1, min(n, EVAL_CHUNK_ELEMENTS // (T * max(n_features, lm.cfg.d_mlp))))
+        with torch.inference_mode():
+            sites = [lm.mlp_site(idx[s:s + self.chunk]) for s in range(0, n, self.chunk)]
+            self.resid = torch.cat([s.resid for s in sites]).float()              # (B, T, D)
+            self.acts = torch.cat([s.acts for s in sites]).float()                # (B, T, H)
+            x = self.acts.flatten(0, 1).double()                                  # (N, H)
+            self.var_total = float((x - x.mean(dim=0)).pow(2).sum())
+        self.loss_orig: float | None = None
+        self.loss_zero: float | None = None
+
+    def slices(self):
+        return [slice(s, s + self.chunk) for s in range(0, len(self.acts), self.chunk)]
+
+    @torch.inference_mode()
+    def lm_loss(self, acts_fn: Callable[[Tensor], Tensor]) -> float:
+        """Mean next-token loss with the MLP activation of each chunk replaced by
+        acts_fn(original acts (b, T, H)) -> (b, T, H)."""
+        total = 0.0
+        for sl in self.slices():
+            ce = self.lm.loss_from(self.resid[sl], acts_fn(self.acts[sl]), self.targets[sl],
+                                   reduction="none")                               # (b, T)
+            total += float(ce[self.targets[sl] != -1].double().sum())
+        return total / self.n_targets
+
+    def baselines(self) -> None:
+        """loss_orig and loss_zero (MLP zero-ablated), unless already set (cached)."""
+        if self.loss_orig is None:
+            self.loss_orig = self.lm_loss(lambda a: a)
+            self.loss_zero = self.lm_loss(torch.zeros_like)
+            if not self.loss_zero > self.loss_orig:
+                logger.warning("zero-ablating the MLP does not raise the eval loss (%.4f vs "
+                               "%.4f): loss_recovered is meaningless for this LM",
+                               self.loss_zero, self.loss_orig)
+
+    @torch.inference_mode()
+    def evaluate(self, sae: SparseAutoencoder) -> tuple[dict, np.ndarray]:
+        """SAE metrics on the eval set -> (metrics, eval densities (F,) float64)."""
+        self.baselines()
+        H, dev = self.acts.shape[-1], self.acts.device
+        count = torch.zeros(sae.n_features, dtype=torch.float64, device=dev)     # (F,)
+        sq = l1 = loss_sae = 0.0
+        for sl in self.slices():
+            x = self.acts[sl].flatten(0, 1)                                        # (n, H)
+            f = sae.encode(x)                                                      # (n, F)
+            x_hat = sae.decode(f)                                                  # (n, H)
+            sq += float((x_hat - x).double().pow(2).sum())
+            l1 += float(f.double().sum())
+            count += (f > 0).sum(dim=0)
+            ce = self.lm.loss_from(self.resid[sl], x_hat.view(-1, self.T, H), self.targets[sl],
+                                   reduction="none")                               # (b, T)
+            loss_sae += float(ce[self.targets[sl] != -1].double().sum())
+        n = self.n_tokens
+        density = (count / n).cpu().numpy()                                        # (F,)
+        mse, l1 = sq / (n * H), l1 / n
+        loss_sae /= self.n_targets
+        gap = self.loss_zero - self.loss_orig
+        recovered = (self.loss_zero - loss_sae) / gap if gap != 0 else float("nan")
+        metrics = {
+            "l0": float(count.sum()) / n, "mse": mse,
+            "explained_variance": 1 - sq / self.var_total if self.var_total else float("nan"),
+            "l1": l1, "loss": mse + sae.l1_coeff * l1,
+            "loss_orig": self.loss_orig, "loss_zero": self.loss_zero, "loss_sae": loss_sae,
+            "loss_recovered": recovered, "nll_score": 1 - recovered,
+            "dead": int((density == 0).sum()),
+            "ultralow": int(((density > 0) & (density < ULTRALOW)).sum()),
+            "dense": int((density > DENSE).sum()), "eval_tokens": n,
+        }
+        return metrics, density
+
+
+def density_histogram(density: np.ndarray, path: str, title: str, n_tokens: int) -> None:
+    """PNG of log10(eval density) over the features that fired; dead ones in the title; a
+    dotted line at 1 / n_tokens, the lowest density the eval can see."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    alive = density[density > 0]
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)  # Agg, no pyplot: no global state, no display needed
+    ax = fig.add_subplot()
+    if len(alive):
+        ax.hist(np.log10(alive), bins="auto", color="tab:blue")
+    for x, label, style in ((math.log10(ULTRALOW), "ultralow", "--"),
+                            (math.log10(DENSE), "dense", "--"),
+                            (-math.log10(n_tokens), "1 token", ":")):
+        ax.axvline(x, color="grey", linestyle=style, linewidth=1)
+        ax.text(x, 1, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    ax.set_xlabel("log10 feature density (fraction of eval tokens with f > 0)")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title}\n{len(density) - len(alive)} of {len(density)} features dead "
+                 f"(not shown)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    store.write_bytes_atomic(path, buf.getvalue())
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+
+def _write_dir_atomic(final: str, files: dict[str, bytes]) -> None:
+    """Write `files` into a fresh temporary sibling dir, then swap it in for `final`.
+
+    A crash leaves either the old or the new directory complete: between the two renames
+    only `final.prev` exists, and `latest_checkpoint` falls back to it.
+    """
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    for name, data in files.items():
+        with open(os.path.join(tmp, name), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    prev = f"{final}.prev"
+    shutil.rmtree(prev, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, prev)
+    os.rename(tmp, final)
+    shutil.rmtree(prev, ignore_errors=True)
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+    """workdir/checkpoint, or the previous one a crash mid-swap left, or None. Deletes
+    temporary dirs of interrupted writes."""
+    final = os.path.join(workdir, CHECKPOINT)
+    if os.path.isdir(workdir):
+        for name in os.listdir(workdir):
+            if name.startswith((f"{CHECKPOINT}.tmp-", f"{EXPORT}.tmp-")):
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    for path in (final, f"{final}.prev"):
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
+    """(state.json + "density", SAE weights, trainer state) of a checkpoint dir; ValueError
+    if any part is missing or unreadable."""
+    try:
+        with open(os.path.join(path, STATE), "rb") as fh:
+            state = json.loads(fh.read())
+        weights = safetensors.torch.load_file(os.path.join(path, SAE_WEIGHTS))
+        trainer = safetensors.torch.load_file(os.path.join(path, TRAINER_STATE))
+    except (OSError, ValueError, safetensors.SafetensorError) as err:
+        raise ValueError(f"unreadable SAE checkpoint {path}: {err}") from err
+    if state.get("format") != "mono.sae_checkpoint/1":
+        raise ValueError(f"{path}/{STATE} is not a mono SAE checkpoint "
+                         f"(format {state.get('format')!r})")
+    try:
+        with open(os.path.join(path, DENSITY), "rb") as fh:
+            state["density"] = np.load(fh)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"unreadable SAE checkpoint {path}: {err}") from err
+    return state, weights, trainer
+
+
+def check_resumable(path: str, state: dict, cfg: Config, inputs: dict) -> None:
+    """Refuse a checkpoint of another dictionary, width, SAE setting or dataset."""
+    problems = []
+    if state["H"] != inputs["H"]:
+        problems.append(f"input width H={state['H']} (now {inputs['H']})")
+    if state["acts_sha256"] != inputs["acts_sha256"]:
+        problems.append(f"activation dataset {state['acts_sha256'][:12]} (now "
+                        f"{inputs['acts_sha256'][:12]})")
+    if state["seed"] != cfg.seed:
+        problems.append(f"seed={state['seed']} (now {cfg.seed})")
+    now = dataclasses.asdict(cfg.sae)
+    for k, v in state["sae"].items():
+        if k not in RESUMABLE_CHANGES and json.loads(json.dumps(now.get(k))) != v:
+            problems.append(f"sae.{k}={v!r} (now {now.get(k)!r})")
+    if problems:
+        raise ValueError(f"checkpoint {path} belongs to another run: {'; '.join(problems)}")
+
+
+# --- export ----------------------------------------------------------------------------
+
+
+def hook_name(cfg: Config) -> str:
+    """TransformerLens's name for the SAE's input: the last block's MLP post-activation."""
+    return f"blocks.{cfg.lm.n_layer - 1}.mlp.hook_post"
+
+
+def sae_lens_cfg(cfg: Config, sae: SparseAutoencoder, inputs: dict) -> dict:
+    """SAELens's cfg.json for a standard (ReLU) SAE, flat pre-6.0 keys (module docstring)."""
+    return {
+        "architecture": "standard", "d_in": sae.d_in, "d_sae": sae.n_features,
+        "activation_fn_str": "relu", "activation_fn_kwargs": {},
+        "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
+        "normalize_activations": "none", "dtype": "float32", "device": "cpu",
+        "model_name": f"mono-lm-{inputs['lm_sha256'][:12]}", "hook_name": hook_name(cfg),
+        "hook_layer": cfg.lm.n_layer - 1, "hook_head_index": None,
+        "context_size": inputs["ctx_len"], "prepend_bos": False,
+        "dataset_path": store.Layout(cfg.out).acts, "dataset_trust_remote_code": False,
+        "sae_lens_training_version": None, "neuronpedia_id": None,
+        "model_from_pretrained_kwargs": {},
+    }
+
+
+def export(workdir: str, cfg: Config, sae: SparseAutoencoder, inputs: dict,
+           metrics: dict) -> str:
+    """Write workdir/sae/ (cfg.json, sae.safetensors, sae_lens/) atomically; returns it."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    blob = safetensors.torch.save(weights, metadata={"format": "mono.sae/1"})
+    info = {
+        "format": "mono.sae/1", "d_in": sae.d_in, "n_features": sae.n_features,
+        "l1_coeff": sae.l1_coeff, "hook_point": hook_name(cfg),
+        "hook_doc": "last block's MLP activation after the GELU, before c_proj (Lm.mlp_acts)",
+        "sae": dataclasses.asdict(cfg.sae), "seed": cfg.seed, "out": cfg.out,
+        "acts_sha256": inputs["acts_sha256"], "lm_sha256": inputs["lm_sha256"],
+        "tokens_sha256": inputs["manifest"]["tokens_sha256"], "ctx_len": inputs["ctx_len"],
+        "metrics": metrics,
+    }
+    final = os.path.join(workdir, EXPORT)
+    _write_dir_atomic(final, {"cfg.json": json.dumps(info, indent=2).encode(),
+                              SAE_WEIGHTS: blob})
+    lens_cfg = json.dumps(sae_lens_cfg(cfg, sae, inputs), indent=2).encode()
+    _write_dir_atomic(os.path.join(final, SAE_LENS),
+                      {"cfg.json": lens_cfg, "sae_weights.safetensors": blob})
+    return final
+
+
+def load_sae(sae_dir: str, device: str = "cpu") -> tuple[SparseAutoencoder, dict]:
+    """(SparseAutoencoder, its cfg.json dict) from an export dir (workdir/sae)."""
+    try:
+        with open(os.path.join(sae_dir, "cfg.json"), "rb") as fh:
+            info = json.loads(fh.read())
+        weights = safetensors.torch.load_file(os.path.join(sae_dir, SAE_WEIGHTS))
+    except (OSError, ValueError, safetensors.SafetensorError) as err:
+        raise ValueError(f"unreadable SAE export {sae_dir}: {err}") from err
+    sae = SparseAutoencoder(info["d_in"], info["n_features"], info["l1_coeff"], device=device)
+    _load_weights(sae, weights, sae_dir)
+    return sae.eval(), info
+
+
+def _load_weights(sae: SparseAutoencoder, weights: dict[str, Tensor], where: str) -> None:
+    want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if want != got:
+        raise ValueError(f"SAE weights in {where} have shapes {got}, expected {want} "
+                         f"(n_features={sae.n_features}, H={sae.d_in})")
+    sae.load_state_dict(weights)
+
+
+# --- the training run ------------------------------------------------------------------
+
+
+def _fail_switch() -> tuple[int, str] | None:
+    spec = os.environ.get(FAIL_AT_ENV, "")
+    if not spec:
+        return None
+    step, _, marker = spec.partition(":")
+    if not step.isdigit() or not marker:
+        raise ValueError(f"{FAIL_AT_ENV} must be '<step>:<marker path>', got {spec!r}")
+    return int(step), marker
+
+
+class SaeRun:
+    """One SAE training run: its model, trainer, reader position and bookkeeping."""
+
+    def __init__(self, cfg: Config, workdir: str, source: ResampleSource | None,
+                 resume_from: str | None):
+        if store.is_uri(workdir):
+            raise ValueError(f"the SAE workdir must be a local path, got {workdir!r}")
+        self.cfg, self.workdir, sc = cfg, workdir, cfg.sae
+        self.inputs = check_inputs(cfg)
+        self.device = pick_device(sc.device)
+        self.n_steps, self.epochs = plan_steps(sc, self.inputs["rows"])
+        # A checkpoint is read and checked before the (slow) LM and eval-set set-up.
+        ckpt_path = resume_from or latest_checkpoint(workdir)
+        ckpt = read_checkpoint(ckpt_path) if ckpt_path is not None else None
+        if ckpt is not None:
+            check_resumable(ckpt_path, ckpt[0], cfg, self.inputs)
+        self.lm = store.load_lm(cfg.out, expect=cfg.lm, device=str(self.device))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.sae = SparseAutoencoder(self.inputs["H"], sc.n_features, sc.l1_coeff,
+                                     device=self.device, generator=gen)
+        self.trainer = Trainer(self.sae, sc.lr)
+        self.source = source if source is not None else _SeededSource(cfg.out, cfg.seed)
+        self.rng = np.random.default_rng([cfg.seed, _RESAMPLE])
+        self.step, self.n_resampled, self.history = 0, 0, []
+        self.wall, self.t_start = 0.0, time.perf_counter()  # wall_s: this run's, all attempts
+        self.reader_state: dict | None = None
+        self.density = np.zeros(sc.n_features)
+        self.cached_losses = (None, None)
+        # Feature firing, folded from trainer.fired at every boundary (window start, eval,
+        # resample): since the last eval (-> dead_train) and since the open resample window
+        # opened (-> the dead features); `last_resample` makes a resample at the final step
+        # of a shorter run happen on resume instead (resample_due).
+        self.since_eval = torch.zeros(sc.n_features, dtype=torch.bool, device=self.device)
+        self.window: Tensor | None = None
+        self.last_resample = 0
+        if ckpt is not None:
+            self._restore(ckpt_path, *ckpt)
+        else:
+            self._init_b_dec()
+        self.evalset = EvalSet(cfg, self.lm, self.device, sc.n_features)
+        self.evalset.loss_orig, self.evalset.loss_zero = self.cached_losses
+        # Windows open for every resample step, even past n_steps: a later resume with more
+        # steps then finds the same masks a straight run has.
+        self.resample_at = set(sc.resample_at)
+        self.window_at = {max(0, s - sc.dead_window) for s in sc.resample_at}
+        steps = sorted(sc.resample_at)
+        if any(b - sc.dead_window < a for a, b in zip(steps, steps[1:])):
+            logger.warning("sae.dead_window=%d is longer than the gap between resamples %s: "
+                           "each window starts after the previous resample", sc.dead_window,
+                           steps)
+        self.resample_inputs = min(sc.resample_inputs, self.inputs["rows"])
+        if self.resample_inputs < sc.resample_inputs and steps and steps[0] < self.n_steps:
+            logger.warning("sae.resample_inputs=%d > the %d activation rows: scoring all of "
+                           "them at each resample", sc.resample_inputs, self.inputs["rows"])
+        self.fail_at = _fail_switch()
+
+    def _reader(self, batch_size: int, **kw) -> ActsReader:
+        return ActsReader(self.cfg.out, batch_size, seed=self.cfg.seed,
+                          shuffle_buffer=self.cfg.sae.shuffle_buffer, **kw)
+
+    def _init_b_dec(self) -> None:
+        n = min(self.cfg.sae.geom_median_samples, self.inputs["rows"])
+        sample = next(iter(self._reader(n, epochs=1, max_rows=n)))               # (n, H)
+        if not bool(torch.isfinite(sample).all()):
+            raise ValueError(f"the first {n} rows of the training stream over "
+                             f"{store.Layout(self.cfg.out).acts} hold NaN/Inf values: the "
+                             f"activation shards are corrupt; recollect them")
+        self.sae.init_b_dec_(sample.to(self.device))
+
+    def _restore(self, path: str, state: dict, weights: dict[str, Tensor],
+                 trainer: dict[str, Tensor]) -> None:
+        _load_weights(self.sae, {k: v.to(self.device) for k, v in weights.items()}, path)
+        try:
+            self.trainer.load_state_dict({k: v.to(self.device) for k, v in trainer.items()})
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"SAE checkpoint {path}: trainer state does not fit: {err}") \
+                from err
+        if state["step"] > self.n_steps:
+            raise ValueError(f"checkpoint {path} is at step {state['step']}, past this run's "
+                             f"{self.n_steps} steps")
+        self.step, self.n_resampled = state["step"], state["n_resampled"]
+        self.history, self.reader_state = state["history"], state["reader"]
+        self.wall = state["wall_s"]
+        self.rng.bit_generator.state = state["rng"]
+        self.cached_losses = state["loss_orig"], state["loss_zero"]
+        self.density = state["density"]
+        self.last_resample = state["last_resample"]
+        try:
+            self.since_eval.copy_(trainer["run.since_eval"])
+            if state["window_open"]:
+                self.window = trainer["run.window"].to(self.device)
+        except (KeyError, RuntimeError) as err:
+            raise ValueError(f"SAE checkpoint {path}: firing masks missing or misshapen: "
+                             f"{err}") from err
+        logger.info("SAE: resumed from %s at step %d of %d", path, self.step, self.n_steps)
+
+    def checkpoint(self) -> str:
+        """Write workdir/checkpoint for the current step; returns its path."""
+        window = self.window if self.window is not None else torch.zeros_like(self.since_eval)
+        trainer_state = {k: v.detach().cpu().contiguous() for k, v in (
+            self.trainer.state_dict() | {"run.since_eval": self.since_eval,
+                                         "run.window": window}).items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.sae.state_dict().items()}
+        state = {
+            "format": "mono.sae_checkpoint/1", "step": self.step, "n_steps": self.n_steps,
+            "reader": self.reader_state, "rng": self.rng.bit_generator.state,
+            "n_resampled": self.n_resampled, "history": self.history,
+            "last_resample": self.last_resample, "window_open": self.window is not None,
+            "wall_s": self.wall + time.perf_counter() - self.t_start,
+            "loss_orig": self.evalset.loss_orig, "loss_zero": self.evalset.loss_zero,
+            "H": self.inputs["H"], "seed": self.cfg.seed, "acts_sha256":
+            self.inputs["acts_sha256"], "sae": dataclasses.asdict(self.cfg.sae),
+        }
+        buf = io.BytesIO()
+        np.save(buf, self.density)
+        path = os.path.join(self.workdir, CHECKPOINT)
+        _write_dir_atomic(path, {
+            SAE_WEIGHTS: safetensors.torch.save(weights),
+            TRAINER_STATE: safetensors.torch.save(trainer_state),
+            STATE: json.dumps(state).encode(), DENSITY: buf.getvalue()})
+        return path
+
+    def _check_finite(self, loss: Tensor, x: Tensor, rows_before: int) -> None:
+        if bool(torch.isfinite(loss)):
+            return
+        where = (f"step {self.step} (rows {rows_before}..{rows_before + len(x)} of the "
+                 f"reader's stream over {store.Layout(self.cfg.out).acts})")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"activation batch at {where} holds NaN/Inf values: the "
+                             f"activation shards are corrupt; recollect them")
+        raise FloatingPointError(f"SAE loss is {float(loss)} at {where}: training diverged "
+                                 f"(try a lower sae.lr than {self.cfg.sae.lr})")
+
+    def _maybe_fail(self) -> None:
+        if self.fail_at is None or self.fail_at[0] != self.step:
+            return
+        marker = self.fail_at[1]
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return
+        os.close(fd)
+        raise RuntimeError(f"injected failure ({FAIL_AT_ENV}) at step {self.step}")
+
+    def _fold(self) -> None:
+        """Move trainer.fired into the since-eval and window masks, then reset it."""
+        self.since_eval |= self.trainer.fired
+        if self.window is not None:
+            self.window |= self.trainer.fired
+        self.trainer.reset_fired()
+
+    def _open_window(self) -> None:
+        self._fold()
+        self.window = torch.zeros_like(self.since_eval)
+
+    def resample_due(self) -> bool:
+        """A resample step not done yet; never the last step (its new features would go
+        untrained into the export: a longer resumed run does it first instead)."""
+        return (self.step in self.resample_at and self.step < self.n_steps
+                and self.last_resample != self.step)
+
+    def _resample(self) -> None:
+        """Resample the features that did not fire since the window opened (paper)."""
+        self._fold()
+        assert self.window is not None, f"no dead window open at resample step {self.step}"
+        dead = ~self.window
+        if isinstance(self.source, _SeededSource):
+            self.source.step = self.step
+        res = resample(self.trainer, dead, self.source, self.resample_inputs, self.rng,
+                       self.cfg.sae.batch_size)
+        self.n_resampled += res.n_resampled
+        self.window, self.last_resample = None, self.step
+        logger.info("SAE step %d: resampled %d of %d features (total %d)", self.step,
+                    res.n_resampled, self.sae.n_features, self.n_resampled)
+
+    def eval(self, train: dict, seconds: float) -> dict:
+        """Eval the current weights; returns the metrics (appended to the history).
+
+        train: sums of the training stats since the last eval ("steps": how many), seconds:
+        the training time they took.
+        """
+        t0 = time.perf_counter()
+        metrics, self.density = self.evalset.evaluate(self.sae)
+        self._fold()
+        dead_train = int((~self.since_eval).sum())
+        self.since_eval.zero_()
+        steps, bs = train["steps"], self.cfg.sae.batch_size
+        out = {"step": self.step, "examples": self.step * bs, **metrics,
+               "dead_train": dead_train,
+               "n_resampled": self.n_resampled,
+               "samples_per_s": steps * bs / seconds if seconds else 0.0,
+               **{f"train_{k}": float(v) / steps for k, v in train.items()
+                  if k != "steps" and steps},
+               "eval_s": time.perf_counter() - t0,
+               "wall_s": self.wall + time.perf_counter() - self.t_start}
+        self.history.append(out)
+        logger.info("SAE step %d/%d: L0 %.1f, loss recovered %.3f, explained var %.3f, "
+                    "mse %.4g, dead %d / ultralow %d / dense %d of %d, %.0f samples/s",
+                    self.step, self.n_steps, out["l0"], out["loss_recovered"],
+                    out["explained_variance"], out["mse"], out["dead"], out["ultralow"],
+                    out["dense"], self.sae.n_features, out["samples_per_s"])
+        return out
+
+    def fit(self, on_eval: Callable[[dict, str], None] | None) -> dict:
+        """Train to n_steps (from wherever the run stands); returns the last eval's metrics.
+
+        After each step: the fault switch; the eval (on eval steps, before a resample of the
+        same step, so metrics describe the trained weights); the resample; the checkpoint
+        (+ on_eval) of the state after all of it.
+        """
+        sc = self.cfg.sae
+        reader = self._reader(sc.batch_size, epochs=self.epochs, max_rows=self.n_steps *
+                              sc.batch_size, device=str(self.device), state=self.reader_state)
+        if self.resample_due():  # the checkpoint ended a shorter run right before a resample
+            self._resample()
+        train, t_train, rows_before = {"steps": 0}, 0.0, reader.rows
+        bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="sae",
+                   disable=None)
+        t0 = time.perf_counter()
+        for x in reader if self.step < self.n_steps else ():
+            if self.step in self.window_at:
+                self._open_window()
+            stats = self.trainer.step(x)
+            self.step += 1
+            self._check_finite(stats.loss, x, rows_before)
+            for k in ("loss", "mse", "l0"):
+                train[k] = train.get(k, 0.0) + getattr(stats, k)
+            train["steps"] += 1
+            self.reader_state, rows_before = reader.state(), reader.rows
+            self._maybe_fail()
+            bar.update(1)
+            evaluate = self.step % sc.eval_interval == 0 or self.step == self.n_steps
+            if evaluate or self.resample_due() or self.step % sc.checkpoint_interval == 0:
+                t_train += time.perf_counter() - t0
+                metrics = self.eval(train, t_train) if evaluate else None
+                if self.resample_due():
+                    self._resample()
+                path = self.checkpoint()
+                if metrics is not None:
+                    if on_eval is not None:
+                        on_eval(metrics, path)
+                    bar.set_postfix(l0=f"{metrics['l0']:.1f}",
+                                    rec=f"{metrics['loss_recovered']:.3f}")
+                    train, t_train = {"steps": 0}, 0.0
+                t0 = time.perf_counter()
+            if self.step == self.n_steps:
+                break
+        bar.close()
+        if self.step != self.n_steps:
+            raise RuntimeError(f"the activation stream ended at step {self.step} of "
+                               f"{self.n_steps}")
+        if not self.history or self.history[-1]["step"] != self.step:
+            # resumed at the end from a non-eval checkpoint
+            metrics = self.eval(train, t_train)
+            path = self.checkpoint()
+            if on_eval is not None:
+                on_eval(metrics, path)
+        return self.history[-1]
+
+    def finish(self, metrics: dict) -> dict:
+        """Export, metrics.json, history.json and the density histogram."""
+        export(self.workdir, self.cfg, self.sae, self.inputs, metrics)
+        store.write_json(os.path.join(self.workdir, METRICS), metrics)
+        store.write_json(os.path.join(self.workdir, HISTORY), self.history)
+        density_histogram(self.density, os.path.join(self.workdir, DENSITY_PNG),
+                          f"step {metrics['step']}: L0 {metrics['l0']:.1f}, loss recovered "
+                          f"{metrics['loss_recovered']:.3f} ({metrics['eval_tokens']} tokens)",
+                          metrics["eval_tokens"])
+        return metrics
+
+
+def train(cfg: Config, workdir: str, *, source: ResampleSource | None = None,
+          resume_from: str | None = None,
+          on_eval: Callable[[dict, str], None] | None = None) -> dict:
+    """Train one SAE (cfg.sae) on <cfg.out>/acts into `workdir` (module docstring); returns
+    the final metrics.
+
+    source: resampling rows (default: uniform shard rows seeded by (seed, step)).
+    resume_from: a checkpoint dir; None = workdir/checkpoint if there is one, else fresh.
+    on_eval(metrics, checkpoint_dir): after every eval, with a complete checkpoint of that
+    step in checkpoint_dir (replaced by the next checkpoint: persist it before returning).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    sae_run = SaeRun(cfg, workdir, source, resume_from)
+    logger.info("SAE: %d features on H=%d, l1_coeff %g, lr %g, batch %d, %d steps from step "
+                "%d, %s, eval on %d tokens", cfg.sae.n_features, sae_run.inputs["H"],
+                cfg.sae.l1_coeff, cfg.sae.lr, cfg.sae.batch_size, sae_run.n_steps,
+                sae_run.step, sae_run.device, sae_run.evalset.n_tokens)
+    return sae_run.finish(sae_run.fit(on_eval))
+
+
+def run(cfg: Config) -> dict:
+    """Single SAE run (no Tune) into <cfg.out>/sae_single/; returns the final metrics."""
+    if store.is_uri(cfg.out):
+        raise ValueError(f"train_sae.run needs a local --out, got {cfg.out!r}; the sweep "
+                         f"(ray_jobs.sweep_sae) trains against cluster storage")
+    return train(cfg, store.join(cfg.out, "sae_single"))

@@ -1,0 +1,220 @@
+"""Stage 4: the Tune sweep (mono.sweep, ray_jobs.sweep_sae) around the real train_sae.
+
+One module fixture builds a tiny run once: synthetic token shards (train + val), the tiny LM
+trained for a few steps (plain torch), activation shards through `mono.acts.run`. Each test
+then sweeps into its own experiment name under that run. Batch 128 over 4096 rows gives 32
+steps; evals (and checkpoints) every 16 steps, at 16 and 32.
+"""
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mono import pages, resample, store, train_lm
+from mono.acts import run as collect
+from mono.config import PRESETS, with_overrides
+from ray_jobs import sweep_sae
+
+T, N_TRAIN, N_VAL = 64, 256, 8
+
+
+def write_tokens(out: str, seed: int = 0) -> None:
+    """Stage-1 token shards: a noisy cycle over 16 ids (an LM learns it in a few steps)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(50000)[:16] + 100
+    splits = {}
+    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+        steps = np.where(rng.random(n * T) < 0.05, rng.integers(1, 16, n * T), 1)
+        toks = ids[np.cumsum(steps) % 16].reshape(n, T)
+        path = store.join(store.Layout(out).tokens(split), "part-00000.parquet")
+        store.write_table_atomic(path, store.token_table(np.arange(n), toks))
+        splits[split] = {"rows": n, "tokens": n * T,
+                         "files": [{"name": "part-00000.parquet", "first": 0, "rows": n}]}
+    store.write_json(store.Layout(out).tokens_manifest, {
+        "tokenizer": "synthetic", "ctx_len": T, "dtype": "uint16", "tokens_sha256": "synthetic",
+        "rows": {s: v["rows"] for s, v in splits.items()}, "splits": splits})
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sweep_run"))
+    os.environ.setdefault("MONO_CACHE_DIR", os.path.join(out, "cache"))
+    write_tokens(out)
+    # A few LM steps make the MLP matter (loss_zero > loss_orig): V = 50304 logits per token
+    # make each step cost ~1 s on a loaded 2-core box.
+    cfg = with_overrides(PRESETS["tiny"], out=out, acts={"max_actors": 1},
+                         train_lm={"max_iters": 6, "batch_size": 2, "eval_interval": 6})
+    train_lm.train(cfg)
+    collect(cfg)
+    assert store.acts_manifest(out)["rows"] == N_TRAIN * 16
+    return out
+
+
+def argv(out: str, name: str, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--out", out, "--name", name, "--sae.batch_size", "128",
+            "--eval_interval", "16", "--checkpoint_interval", "16", "--cpus_per_trial", "0.5",
+            *extra]
+
+
+def reports(trial: dict) -> list[dict]:
+    text = store.read_bytes(store.join(trial["dir"], "result.json")).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
+    summary = sweep_sae.main(argv(run_dir, "grid", "--l1_coeff", "1e-3", "1e-2", "--lr",
+                                  "1e-3", "3e-3", "--max_concurrent_trials", "4"))
+    exp = store.join(run_dir, "sweep", "grid")
+    assert summary["experiment"] == exp and not summary["restored"]
+    trials = store.read_json(store.join(exp, "trials.json"))["trials"]
+    assert [(t["l1_coeff"], t["lr"]) for t in trials] == [
+        (1e-3, 1e-3), (1e-3, 3e-3), (1e-2, 1e-3), (1e-2, 3e-3)]
+    for t in trials:
+        assert t["status"] == "done" and t["sae_dir"] == store.join(t["dir"], "sae")
+        assert t["dir"] == store.join(exp, t["name"]) and t["name"].startswith(
+            f"l1_{t['l1_coeff']:g}_lr_{t['lr']:g}_")
+        assert os.path.isfile(store.join(t["sae_dir"], "sae_lens", "sae_weights.safetensors"))
+        m = t["metrics"]
+        assert m["step"] == 32 and 0 < m["l0"] < 256 and np.isfinite(m["loss_recovered"])
+        assert set(m) >= {"mse", "explained_variance", "dead", "ultralow", "dense"}
+        results = reports(t)
+        assert [r["step"] for r in results] == [16, 32]
+        assert [r["training_iteration"] for r in results] == [1, 2]
+        assert len(results[-1]["log10_density"]) == 256 and results[-1]["setup_s"] > 0
+        assert results[-1]["l0"] == m["l0"]
+        assert [f for f in os.listdir(t["dir"]) if f.startswith("events.out.tfevents")]
+        assert os.path.isfile(store.join(t["dir"], "density.npy"))
+    assert trials[2]["metrics"]["l0"] < trials[0]["metrics"]["l0"]  # larger l1, sparser
+    page = open(summary["report"]).read()
+    assert summary["report"] == store.join(exp, "report", "index.html")
+    assert all(t["name"] in page for t in trials) and "&#9733;" in page
+    for png in ("pareto.png", "density.png"):
+        assert open(store.join(exp, "report", png), "rb").read(4) == b"\x89PNG"
+    # the report is re-creatable from the files alone
+    os.remove(summary["report"])
+    again = sweep_sae.main(argv(run_dir, "grid", "--l1_coeff", "1e-3", "1e-2", "--lr",
+                                "1e-3", "3e-3", "--report-only"))
+    assert open(again["report"]).read().count("<tr") == 5
+
+
+@pytest.mark.slow
+def test_crashed_trial_resumes_from_its_checkpoint_a_killed_pool_restarts_wandb_logs(
+        run_dir, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("MONO_TEST_SAE_FAIL_AT", f"20:{marker}")
+    exp = store.join(run_dir, "sweep", "crash")
+    name = resample.pool_name(exp)
+    killed = {}
+
+    def kill_pool_once_it_is_up():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                pool = ray.get_actor(name, namespace=resample.POOL_NAMESPACE)
+                break
+            except ValueError:  # not created yet
+                time.sleep(0.2)
+        killed["pid"] = ray.get(pool.ready.remote())["pid"]
+        ray.kill(pool, no_restart=False)
+        while time.monotonic() < deadline:  # the kill is asynchronous: wait for the restart
+            pid = ray.get(pool.stats.remote())["pid"]
+            if pid != killed["pid"]:
+                killed["new_pid"] = pid
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_pool_once_it_is_up, daemon=True)
+    killer.start()
+    # resampling at 24, after the resume: most features of this point die by then
+    summary = sweep_sae.main(argv(run_dir, "crash", "--l1_coeff", "1e-2", "--lr", "3e-3",
+                                  "--resample_at", "24", "--dead_window", "8",
+                                  "--max_failures", "1", "--wandb"))
+    killer.join(10)
+    (trial,) = summary["trials"]
+    assert marker.exists(), "the fault switch did not fire"
+    assert trial["status"] == "done" and trial["metrics"]["step"] == 32
+    # crashed at step 20, resumed from the step-16 checkpoint: no step reported twice
+    assert [r["step"] for r in reports(trial)] == [16, 32]
+    assert killed.get("new_pid") not in (None, killed["pid"]), killed
+    assert trial["metrics"]["n_resampled"] > 0       # the restarted pool served the resample
+    # W&B, offline without a key: one run for the trial, its retry included
+    runs = [d for d in os.listdir(store.join(trial["dir"], "wandb")) if d.startswith("offline-")]
+    assert len(runs) == 1 and runs[0].endswith(trial["trial_id"]), runs
+
+
+@pytest.mark.slow
+def test_rerun_restores_an_interrupted_sweep_without_redoing_finished_trials(
+        run_dir, tmp_path, monkeypatch):
+    args = argv(run_dir, "restore", "--l1_coeff", "1e-3", "1e-2", "--lr", "1e-3",
+                "--max_failures", "0", "--max_concurrent_trials", "2")
+    monkeypatch.setenv("MONO_TEST_SAE_FAIL_AT", f"20:{tmp_path / 'crashed'}")
+    with pytest.raises(RuntimeError, match="1 of 2 trials did not finish"):
+        sweep_sae.main(args)
+    exp = store.join(run_dir, "sweep", "restore")
+    first = {t["status"]: t for t in store.read_json(store.join(exp, "trials.json"))["trials"]}
+    assert set(first) == {"done", "error"} and "injected failure" in first["error"]["error"]
+    assert [r["step"] for r in reports(first["error"])] == [16]
+    done = first["done"]["dir"]
+    sae_files = [store.join(done, f) for f in ("sae/cfg.json", "sae/sae.safetensors")]
+    mtimes = [os.path.getmtime(f) for f in sae_files]
+    before = (open(store.join(done, "result.json")).read(), sorted(os.listdir(done)))
+    page = open(store.join(exp, "report", "index.html")).read()
+    assert "injected failure" in page
+
+    monkeypatch.delenv("MONO_TEST_SAE_FAIL_AT")
+    summary = sweep_sae.main(args)       # the same command again: Tuner.restore
+    assert summary["restored"] and [t["status"] for t in summary["trials"]] == ["done"] * 2
+    resumed = next(t for t in summary["trials"] if t["name"] == first["error"]["name"])
+    assert [r["step"] for r in reports(resumed)] == [16, 32]   # from step 16, not 0
+    # the finished trial was not rerun: same export, same reports, same checkpoints
+    assert [os.path.getmtime(f) for f in sae_files] == mtimes
+    assert (open(store.join(done, "result.json")).read(), sorted(os.listdir(done))) == before
+    assert len(reports(first["done"])) == 2
+
+    with pytest.raises(SystemExit, match="started with other settings"):
+        sweep_sae.main(argv(run_dir, "restore", "--l1_coeff", "1e-3", "--lr", "1e-3"))
+
+
+def test_bad_input_fails_before_any_trial(run_dir, tmp_path, capsys):
+    for bad, message in ((["--l1_coeff"], "grid is empty"),
+                         (["--lr", "1e-3", "-0.001"], "values must be positive")):
+        with pytest.raises(SystemExit):
+            sweep_sae.main(argv(run_dir, "bad", *bad))
+        assert message in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="is not writable"):
+        sweep_sae.main(argv(run_dir, "bad", "--storage_path", str(blocker / "sub")))
+    with pytest.raises(SystemExit, match="no activation manifest"):
+        sweep_sae.main(argv(str(tmp_path / "empty"), "bad"))
+    assert not os.path.exists(store.join(run_dir, "sweep", "bad"))
+
+
+def test_pareto_front():
+    pts = [(5.0, 0.9), (10.0, 0.95), (10.0, 0.8), (20.0, 0.94), (2.0, 0.5), (5.0, 0.9)]
+    assert pages.pareto_front(pts) == [True, True, False, False, True, True]
+
+
+def test_report_escapes_everything(tmp_path):
+    exp = str(tmp_path / "exp")
+    evil = "<script>alert(1)</script>"
+    trials = [
+        {"name": f"l1_0.001_lr_0.001_{evil}", "l1_coeff": 1e-3, "lr": 1e-3, "status": "done",
+         "dir": f"{exp}/a", "sae_dir": f"{exp}/a/sae", "last_report": {},
+         "metrics": {"step": 8, "l0": 3.0, "loss_recovered": 0.7, "mse": 0.1,
+                     "explained_variance": 0.5, "dead": 1, "ultralow": 0, "dense": 2}},
+        {"name": "b", "l1_coeff": 1e-2, "lr": 1e-3, "status": "error", "dir": f"{exp}/b",
+         "error": f'RuntimeError: "{evil}" & more', "last_report": {"step": 4}},
+    ]
+    store.write_json(f"{exp}/trials.json", {"experiment": exp, "trials": trials})
+    os.makedirs(f"{exp}/a")
+    np.save(f"{exp}/a/density.npy", np.array([0.0, 1e-3, 0.02, 0.5]))
+    page = open(pages.write_sweep_report(exp)).read()
+    assert "<script" not in page and "&lt;script&gt;" in page and "&amp; more" in page
+    assert 'href="../a/sae/"' in page and os.path.isfile(f"{exp}/report/density.png")

@@ -1,0 +1,323 @@
+"""Stage 4: one SAE training run (mono.train_sae): eval, checkpoints, exact resume, export.
+
+One module fixture builds a tiny run dir without Ray: token shards holding a noisy cycle
+over a few ids (the LM learns it in a few dozen steps, so its MLP matters), the LM trained
+by `train_lm.train` in plain torch, and activation shards written by `acts.Collector`
+directly. One straight SAE run through `train_sae.run` is shared by the tests that compare
+against it; the resume, fault and bad-input tests train or start their own short runs.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+
+from mono import acts, store, train_lm, train_sae
+from mono.config import PRESETS, with_overrides
+
+T, N_TRAIN, N_VAL, EVAL_CTX = 64, 256, 12, 4
+# 4096 rows / 128 = 32 steps; features unused for 6 steps before steps 16 and 28 are
+# resampled (~100 and ~270 of 512 with this LM: both resamples always have work).
+SAE = dict(n_features=512, l1_coeff=3e-3, lr=3e-3, batch_size=128, n_steps=0,
+           resample_at=(16, 28), dead_window=6, resample_inputs=1024, geom_median_samples=512,
+           shuffle_buffer=2048, eval_interval=8, eval_contexts=EVAL_CTX, checkpoint_interval=4)
+LM_STEPS = 16  # enough for the LM to learn the cycle well below its unigram entropy
+METRIC_KEYS = {"step", "examples", "l0", "mse", "explained_variance", "l1", "loss", "loss_orig",
+               "loss_zero", "loss_sae", "loss_recovered", "nll_score", "dead", "ultralow",
+               "dense", "dead_train", "n_resampled", "samples_per_s"}
+
+
+def write_tokens(out: str, n_sym: int = 16, noise: float = 0.05, seed: int = 0) -> None:
+    """Train/val token shards + manifest (stage-1 format): each split one stream cut into
+    consecutive windows, stepping through a cycle of n_sym ids with random jumps."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(50000)[:n_sym] + 100
+    splits = {}
+    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+        steps = np.where(rng.random(n * T) < noise, rng.integers(1, n_sym, n * T), 1)
+        toks = ids[np.cumsum(steps) % n_sym].reshape(n, T)
+        files = []
+        for first in range(0, n, 100):
+            k = min(100, n - first)
+            name = f"part-{len(files):05d}.parquet"
+            store.write_table_atomic(store.join(store.Layout(out).tokens(split), name),
+                                     store.token_table(np.arange(first, first + k),
+                                                       toks[first:first + k]))
+            files.append({"name": name, "first": first, "rows": k})
+        splits[split] = {"rows": n, "tokens": n * T, "files": files}
+    store.write_json(store.Layout(out).tokens_manifest, {
+        "tokenizer": "synthetic", "ctx_len": T, "dtype": "uint16",
+        "rows": {s: v["rows"] for s, v in splits.items()}, "splits": splits})
+
+
+def collect(cfg) -> dict:
+    """Activation shards + manifest as acts.run writes them, without Ray."""
+    tm, settings, n = acts.check_inputs(cfg)
+    chunks = acts.plan(n, cfg.acts.shard_contexts)
+    collector = acts.Collector(cfg.out, settings)
+    for first, k in chunks:
+        collector.collect(first, k)
+    manifest = acts._manifest(cfg, settings, tm, chunks)
+    store.write_json(store.Layout(cfg.out).acts_manifest, manifest)
+    return manifest
+
+
+def make_cfg(out, **sae):
+    return with_overrides(
+        PRESETS["tiny"], out=str(out), sae={**SAE, **sae},
+        train_lm=dict(max_iters=LM_STEPS, batch_size=8, lr=2e-2, min_lr=2e-3, warmup_iters=2,
+                      eval_interval=LM_STEPS, eval_iters=1, log_interval=LM_STEPS))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sae_run")
+    cfg = make_cfg(out)
+    write_tokens(str(out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MONO_CACHE_DIR", str(out / "cache"))
+        lm_metrics = train_lm.train(cfg)
+    collect(cfg)
+    return {"out": out, "cfg": cfg, "lm_metrics": lm_metrics}
+
+
+@pytest.fixture(scope="module")
+def straight(run_dir):
+    """The reference run: 32 steps straight through train_sae.run, with on_eval recorded."""
+    cfg, calls = run_dir["cfg"], []
+    workdir = store.join(cfg.out, "sae_single")
+
+    def on_eval(metrics, path):  # what the sweep does: the checkpoint must be complete here
+        calls.append((metrics["step"], sorted(os.listdir(path)),
+                      json.loads(open(os.path.join(path, "state.json")).read())["step"]))
+
+    metrics = train_sae.train(cfg, workdir, on_eval=on_eval)
+    weights = safetensors.torch.load_file(os.path.join(workdir, "checkpoint", "sae.safetensors"))
+    state = json.loads(open(os.path.join(workdir, "checkpoint", "state.json")).read())
+    return {"metrics": metrics, "workdir": workdir, "calls": calls, "weights": weights,
+            "state": state}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# --- the straight run --------------------------------------------------------------------
+
+
+def test_run_writes_checkpoint_export_metrics(straight, run_dir):
+    m, wd = straight["metrics"], straight["workdir"]
+    assert METRIC_KEYS <= m.keys()
+    assert m["step"] == 32 and m["examples"] == 32 * 128
+    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert np.isfinite(m["loss_recovered"]) and m["nll_score"] == pytest.approx(
+        1 - m["loss_recovered"])
+    assert 0 < m["l0"] < 512 and 0 < m["explained_variance"] <= 1
+    assert m["n_resampled"] > 0, "the run must exercise resampling"
+    assert m["eval_tokens"] == EVAL_CTX * T
+    assert json.loads(open(os.path.join(wd, "metrics.json")).read()) == m
+    history = json.loads(open(os.path.join(wd, "history.json")).read())
+    assert [h["step"] for h in history] == [8, 16, 24, 32]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoint"))) == [
+        "density.npy", "sae.safetensors", "state.json", "trainer.safetensors"]
+    density = np.load(os.path.join(wd, "checkpoint", "density.npy"))
+    assert density.shape == (512,) and m["dead"] == int((density == 0).sum())
+    png = open(os.path.join(wd, "density.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert not [n for n in os.listdir(wd) if ".tmp-" in n or n.endswith(".prev")]
+    # on_eval saw a complete checkpoint of its own step each time
+    assert [c[0] for c in straight["calls"]] == [8, 16, 24, 32]
+    assert all(c[2] == c[0] and "sae.safetensors" in c[1] for c in straight["calls"])
+
+
+def test_eval_baselines_are_cached_and_the_lm_uses_its_mlp(straight, run_dir):
+    history = json.loads(open(os.path.join(straight["workdir"], "history.json")).read())
+    assert len({(h["loss_orig"], h["loss_zero"]) for h in history}) == 1
+    m = straight["metrics"]
+    # The trained LM predicts the cycle (below the unigram entropy); its MLP helps it.
+    assert m["loss_orig"] < run_dir["lm_metrics"]["unigram_entropy"]
+    assert m["loss_orig"] < m["loss_zero"]
+
+
+def test_eval_metrics_match_a_naive_computation(straight, run_dir):
+    cfg = run_dir["cfg"]
+    lm = store.load_lm(cfg.out)
+    sae, _ = train_sae.load_sae(os.path.join(straight["workdir"], "sae"))
+    ev = train_sae.EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
+    metrics, density = ev.evaluate(sae)
+    x = ev.acts.flatten(0, 1).double()
+    with torch.no_grad():
+        out = sae(x.float())
+    f, x_hat = out.f.double(), out.x_hat.double()
+    assert metrics["l0"] == pytest.approx(float((f > 0).sum(1).float().mean()))
+    assert metrics["mse"] == pytest.approx(float(((x_hat - x) ** 2).mean()), rel=1e-5)
+    assert metrics["l1"] == pytest.approx(float(f.sum(1).mean()), rel=1e-5)
+    ev_ref = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert metrics["explained_variance"] == pytest.approx(float(ev_ref), rel=1e-5)
+    np.testing.assert_allclose(density, (f > 0).double().mean(0).numpy())
+    tokens = store.read_context(cfg.out, np.arange(N_VAL), "val")
+    idx = torch.from_numpy(tokens[:EVAL_CTX])
+    nxt = torch.from_numpy(tokens[1:EVAL_CTX + 1, 0])[:, None]
+    tgt = torch.cat([idx[:, 1:], nxt], dim=1)
+    with torch.no_grad():
+        ref_orig = float(lm(idx, tgt).loss)
+    assert metrics["loss_orig"] == pytest.approx(ref_orig, rel=1e-5)
+    zero = lm.loss_with_mlp_acts(idx, tgt, torch.zeros(EVAL_CTX, T, 128))
+    assert metrics["loss_zero"] == pytest.approx(float(zero), rel=1e-5)
+    recon = lm.loss_with_mlp_acts(idx, tgt, out.x_hat.view(EVAL_CTX, T, 128))
+    assert metrics["loss_sae"] == pytest.approx(float(recon), rel=1e-5)
+    assert metrics["loss_recovered"] == pytest.approx(
+        (float(zero) - float(recon)) / (float(zero) - ref_orig), rel=1e-4)
+
+
+def test_export_round_trips_and_sae_lens_layout(straight):
+    export = os.path.join(straight["workdir"], "sae")
+    sae, info = train_sae.load_sae(export)
+    assert_same_weights({k: v for k, v in sae.state_dict().items()}, straight["weights"])
+    assert info["d_in"] == 128 and info["n_features"] == 512 and info["sae"]["l1_coeff"] == 3e-3
+    assert info["hook_point"] == "blocks.0.mlp.hook_post" and len(info["acts_sha256"]) == 64
+    lens_dir = os.path.join(export, "sae_lens")
+    cfg = json.loads(open(os.path.join(lens_dir, "cfg.json")).read())
+    assert cfg | {"model_name": None, "dataset_path": None} == cfg | {
+        "architecture": "standard", "d_in": 128, "d_sae": 512, "apply_b_dec_to_input": True,
+        "dtype": "float32", "device": "cpu", "hook_name": "blocks.0.mlp.hook_post",
+        "hook_layer": 0, "context_size": T, "normalize_activations": "none",
+        "prepend_bos": False, "finetuning_scaling_factor": False,
+        "model_name": None, "dataset_path": None}
+    assert "sae_lens_version" not in cfg  # SAELens 6 converts the flat pre-6.0 layout
+    w = safetensors.torch.load_file(os.path.join(lens_dir, "sae_weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in w.items()} == {
+        "W_enc": (128, 512), "W_dec": (512, 128), "b_enc": (512,), "b_dec": (128,)}
+    # SAELens's StandardSAE.encode/decode on these tensors reproduce ours
+    x = torch.randn(5, 128).abs()
+    f = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    torch.testing.assert_close(f @ w["W_dec"] + w["b_dec"], sae(x).x_hat)
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+def test_resume_halfway_is_bit_identical(straight, run_dir, tmp_path):
+    """16 steps (the last one resamples), then a fresh call resumes to 32 (resample at 28)."""
+    cfg = run_dir["cfg"]
+    workdir = str(tmp_path / "half")
+    first = train_sae.train(make_cfg(cfg.out, n_steps=16), workdir)
+    assert first["step"] == 16 and first["n_resampled"] > 0
+    steps = []
+    final = train_sae.train(cfg, workdir, on_eval=lambda m, p: steps.append(m["step"]))
+    assert steps == [24, 32]
+    ckpt = os.path.join(workdir, "checkpoint")
+    assert_same_weights(safetensors.torch.load_file(os.path.join(ckpt, "sae.safetensors")),
+                        straight["weights"])
+    state = json.loads(open(os.path.join(ckpt, "state.json")).read())
+    assert state["reader"] == straight["state"]["reader"]
+    assert state["rng"] == straight["state"]["rng"]
+    assert_same_weights(
+        safetensors.torch.load_file(os.path.join(ckpt, "trainer.safetensors")),
+        safetensors.torch.load_file(os.path.join(straight["workdir"], "checkpoint",
+                                                 "trainer.safetensors")))
+    for k in ("loss_recovered", "l0", "mse", "dead", "n_resampled"):
+        assert final[k] == straight["metrics"][k]
+
+
+def test_fault_switch_fails_once_and_the_retry_resumes(straight, run_dir, tmp_path,
+                                                      monkeypatch):
+    """Fail right after step 22: the retry resumes from the step-20 checkpoint (a plain
+    checkpoint_interval one, after the resample at 16 and the fired-mask reset at 22 is
+    still to come), not from step 0, and ends bit-identical to the straight run."""
+    cfg, marker = run_dir["cfg"], tmp_path / "failed"
+    workdir = str(tmp_path / "faulty")
+    monkeypatch.setenv(train_sae.FAIL_AT_ENV, f"22:{marker}")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_sae.train(cfg, workdir)
+    assert marker.exists()
+    state = json.loads(open(os.path.join(workdir, "checkpoint", "state.json")).read())
+    assert state["step"] == 20 and state["n_resampled"] > 0
+    steps = []
+    train_sae.train(cfg, workdir, on_eval=lambda m, p: steps.append(m["step"]))
+    assert steps == [24, 32]
+    assert_same_weights(
+        safetensors.torch.load_file(os.path.join(workdir, "checkpoint", "sae.safetensors")),
+        straight["weights"])
+
+
+def test_finished_run_resumes_to_its_export(straight, run_dir, tmp_path):
+    workdir = str(tmp_path / "again")
+    shutil.copytree(straight["workdir"], workdir)
+    shutil.rmtree(os.path.join(workdir, "sae"))
+    calls = []
+    m = train_sae.train(run_dir["cfg"], workdir, on_eval=lambda *a: calls.append(a))
+    assert calls == [] and m == straight["metrics"]
+    sae, _ = train_sae.load_sae(os.path.join(workdir, "sae"))
+    assert_same_weights(sae.state_dict(), straight["weights"])
+
+
+def test_crash_between_checkpoint_renames_falls_back_to_the_previous(straight, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(os.path.join(straight["workdir"], "checkpoint"), workdir / "checkpoint.prev")
+    (workdir / "checkpoint.tmp-deadbeef").mkdir()
+    assert train_sae.latest_checkpoint(str(workdir)) == str(workdir / "checkpoint.prev")
+    assert not (workdir / "checkpoint.tmp-deadbeef").exists()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_width_mismatch_is_refused(run_dir, straight, tmp_path):
+    cfg = run_dir["cfg"]
+    with pytest.raises(ValueError, match="128 wide, but lm.d_mlp is 64"):
+        train_sae.train(with_overrides(cfg, lm={"d_mlp": 64}), str(tmp_path / "w"))
+    with pytest.raises(ValueError, match=r"sae.n_features=512 \(now 128\)"):
+        train_sae.train(make_cfg(cfg.out, n_features=128), str(tmp_path / "w2"),
+                        resume_from=os.path.join(straight["workdir"], "checkpoint"))
+    with pytest.raises(ValueError, match=r"sae.l1_coeff=0.003 \(now 0.1\)"):
+        train_sae.train(make_cfg(cfg.out, l1_coeff=0.1), str(tmp_path / "w3"),
+                        resume_from=os.path.join(straight["workdir"], "checkpoint"))
+
+
+def test_corrupt_checkpoint_is_refused(run_dir, straight, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(os.path.join(straight["workdir"], "checkpoint"), workdir / "checkpoint")
+    path = workdir / "checkpoint" / "sae.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable SAE checkpoint"):
+        train_sae.train(run_dir["cfg"], str(workdir))
+    (workdir / "checkpoint" / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable SAE checkpoint"):
+        train_sae.train(run_dir["cfg"], str(workdir))
+
+
+def test_nan_activations_are_named(run_dir, tmp_path):
+    out = tmp_path / "nan_run"
+    shutil.copytree(run_dir["out"], out, ignore=shutil.ignore_patterns("sae_single", "cache"))
+    shard = store.acts_files(str(out))[1]
+    table = pq.read_table(shard)
+    ctx, pos, token, x = store.table_acts(table)
+    x = x.copy()
+    x[::7] = np.nan
+    meta = {k.decode()[5:]: v.decode() for k, v in table.schema.metadata.items()}
+    store.write_acts_shard(shard, store.acts_table(ctx, pos, token, x, "float16", meta),
+                           "zstd", 256)
+    cfg = dataclasses.replace(run_dir["cfg"], out=str(out))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        train_sae.train(cfg, str(out / "w"))
+
+
+def test_steps_beyond_one_pass_repeat_the_data_with_a_warning(caplog):
+    sc = PRESETS["tiny"].sae
+    assert train_sae.plan_steps(dataclasses.replace(sc, n_steps=0, batch_size=100), 1050) == \
+        (10, 1)
+    assert train_sae.plan_steps(dataclasses.replace(sc, n_steps=4, batch_size=100), 1050) == \
+        (4, 1)
+    with caplog.at_level("WARNING", logger="mono.train_sae"):
+        assert train_sae.plan_steps(dataclasses.replace(sc, n_steps=25, batch_size=100),
+                                    1050) == (25, 0)
+    assert "rows repeat" in caplog.text
