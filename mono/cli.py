@@ -13,6 +13,7 @@ import argparse
 import ast
 import functools
 import inspect
+import os
 import typing
 from dataclasses import fields, replace
 
@@ -109,7 +110,15 @@ def parse(argv: list[str] | None, prog: str, description: str,
                     value = tuple(value)
                 per_section.setdefault(section, {})[name] = value
         subs = {s: replace(getattr(cfg, s), **kv) for s, kv in per_section.items()}
-        return replace(cfg, **top, **subs)
+        cfg = replace(cfg, **top, **subs)
+        # Ray workers (Train, Tune, Data) run in other working directories: a relative
+        # --out would point somewhere else there, so local paths become absolute here.
+        if "://" not in cfg.out:
+            cfg = replace(cfg, out=os.path.abspath(cfg.out))
+        if cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path:
+            cfg = replace(cfg, sweep=replace(cfg.sweep,
+                                             storage_path=os.path.abspath(cfg.sweep.storage_path)))
+        return cfg
     except (ValueError, TypeError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits

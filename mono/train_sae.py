@@ -7,7 +7,9 @@ Reads <out>/acts (manifest + Parquet shards), <out>/tokens/val (the eval context
                     then renamed): sae.safetensors, trainer.safetensors (FeatureAdam moments
                     and per-feature step counts, the fired mask), state.json (step, reader
                     position, resampling RNG, metrics history, cached eval baselines, what
-                    the run trained on), density.npy (eval densities (F,) of the last eval)
+                    the run trained on; the firing masks sit in trainer.safetensors as
+                    run.since_eval / run.window), density.npy (eval densities (F,) of the
+                    last eval)
     sae/            the export: cfg.json + sae.safetensors, and sae_lens/ (cfg.json +
                     sae_weights.safetensors) in SAELens's on-disk format
     metrics.json    the final metrics; history.json every eval's
@@ -23,12 +25,16 @@ reports that repeated data kills features. b_dec starts at the geometric median 
 first `geom_median_samples` rows of that same stream (paper; the seed skipped it), so the
 init too is identical across a sweep and costs one window read.
 
-Resampling (paper appendix; mono.resample): the fired mask is reset `dead_window` steps
-before each step in `resample_at`; right after that step, every feature that did not fire
-since is resampled from `resample_inputs` fresh rows of `source`. The default source draws
-uniform rows from the shards with a generator seeded by (seed, step), so a resumed run draws
-the same rows; a sweep passes its shared ResamplePool, whose draws are only as repeatable
-as the pool.
+Resampling (paper appendix; mono.resample): a window opens `dead_window` steps before each
+step in `resample_at`; right after that step (and after its eval, so the metrics describe
+the trained weights), every feature that did not fire on any training batch in the window
+is resampled from `resample_inputs` fresh rows of `source` (at most the dataset's rows). A
+resample step equal to the run's last step is skipped (its fresh features would go
+untrained into the export); a resumed, longer run performs it first. The default source
+draws uniform rows from the shards with a generator seeded by (seed, step), so a resumed run
+draws the same rows; a sweep passes its shared ResamplePool, whose draws are only as
+repeatable as the pool. Right after a resample, reconstructions spike (the new encoder rows
+fire hard on outlier inputs: the paper's "loss spikes"); they settle within ~100 steps.
 
 Eval, every `eval_interval` steps and at the end, on a fixed held-out set: the first
 `eval_contexts` contexts of the val token split, every one of their T positions. One LM pass
@@ -45,15 +51,19 @@ over tokens of sum_F f), loss (mse + l1_coeff * l1), explained_variance
 cross-entropy, nats), loss_recovered = (loss_zero - loss_sae) / (loss_zero - loss_orig),
 nll_score = 1 - loss_recovered (the seed's logged name: lower is better; its code comment
 says the inverse), dead / ultralow / dense (features with eval density 0 / in (0, 1e-5) /
-above 1e-2; the paper's thresholds), dead_train (features that did not fire in training
-since the fired mask's last reset), n_resampled (total), samples_per_s (training only),
+above 1e-2; the paper's thresholds), dead_train (features that fired on no training batch
+since the previous eval: eval_interval x batch_size rows, the paper's sense of dead; a
+resample in between counts its new features' firing), n_resampled (total), samples_per_s
+(training only),
 plus eval_tokens, train_loss / train_mse / train_l0 (means over the steps since the last
 eval) and wall_s. Densities resolve only down to 1 / eval_tokens: with fewer than 1e5 eval
 tokens, ultralow is 0 by construction (the seed's 1e5-token evals had the same blind spot).
 
 Resume: `train` continues from `resume_from`, or from workdir/checkpoint when it exists. The
-checkpoint holds everything the loop depends on, so N steps straight and N/2 + resume + N/2
-give bit-identical weights (tests/test_train_sae.py, across a resampling). A checkpoint
+checkpoint holds everything the loop depends on (weights, Adam state, reader position,
+resampling RNG, the firing masks), so N steps straight and N/2 + resume + N/2 give
+bit-identical weights (tests/test_train_sae.py, across resamplings). Checkpoints are written
+at every eval, every `checkpoint_interval` steps, after every resample and at the end. A checkpoint
 from another dictionary size, input width, SAE setting or activation dataset is refused.
 Test-only fault switch: MONO_TEST_SAE_FAIL_AT="<step>:<marker path>" raises RuntimeError
 once, right after that step's update (before its eval/checkpoint), if the marker file does

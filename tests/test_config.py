@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import re
 import typing
 
@@ -164,7 +165,8 @@ def _parse(*argv, sections=ALL_SECTIONS) -> Config:
 
 
 def test_cli_preset_plus_overrides():
-    assert _parse() == PRESETS["demo"]                     # no arguments = the demo preset
+    demo = PRESETS["demo"]                          # no arguments = the demo preset, out absolute
+    assert _parse() == with_overrides(demo, out=os.path.abspath(demo.out))
     cfg = _parse("--preset", "tiny", "--out", "/tmp/x", "--seed", "3", "--d_model", "64",
                  "--corpus", "a.txt")
     assert cfg == with_overrides(PRESETS["tiny"], out="/tmp/x", seed=3,
@@ -270,3 +272,12 @@ def test_every_job_answers_help(job, capsys):
         cls = SECTIONS[section]
         for f in dataclasses.fields(cls):
             assert _squash(docs[(cls.__name__, f.name)]) in text, f"{job}: {section}.{f.name}"
+
+
+def test_cli_makes_local_out_absolute(tmp_path, monkeypatch):
+    """Ray workers run elsewhere: a relative --out must not follow them there."""
+    monkeypatch.chdir(tmp_path)
+    cfg = cli.parse(["--preset", "tiny", "--out", "rel/run"], "p", "d", ("sweep",))
+    assert cfg.out == str(tmp_path / "rel" / "run")
+    cfg = cli.parse(["--preset", "tiny", "--out", "s3://bucket/run"], "p", "d", ("sweep",))
+    assert cfg.out == "s3://bucket/run"
