@@ -314,8 +314,8 @@ def density_histogram(density: np.ndarray, path: str, title: str, n_tokens: int)
         ax.text(x, 1, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
     ax.set_xlabel("log10 feature density (fraction of eval tokens with f > 0)")
     ax.set_ylabel("features")
-    ax.set_title(f"{title}\n{len(density) - len(alive)} of {len(density)} features dead "
-                 f"(not shown)", fontsize=9)
+    ax.set_title(f"{title}\n{len(density) - len(alive)} of {len(density)} features never "
+                 f"fired on the eval tokens (not shown)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -678,10 +678,11 @@ class SaeRun:
                "wall_s": self.wall + time.perf_counter() - self.t_start}
         self.history.append(out)
         logger.info("SAE step %d/%d: L0 %.1f, loss recovered %.3f, explained var %.3f, "
-                    "mse %.4g, dead %d / ultralow %d / dense %d of %d, %.0f samples/s",
-                    self.step, self.n_steps, out["l0"], out["loss_recovered"],
-                    out["explained_variance"], out["mse"], out["dead"], out["ultralow"],
-                    out["dense"], self.sae.n_features, out["samples_per_s"])
+                    "mse %.4g, dead %d (training: %d) / ultralow %d / dense %d of %d, "
+                    "%.0f samples/s", self.step, self.n_steps, out["l0"],
+                    out["loss_recovered"], out["explained_variance"], out["mse"], out["dead"],
+                    dead_train, out["ultralow"], out["dense"], self.sae.n_features,
+                    out["samples_per_s"])
         return out
 
     def fit(self, on_eval: Callable[[dict, str], None] | None) -> dict:
