@@ -38,6 +38,8 @@ import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _rss import descendants, hwm_kb  # bench/ is on sys.path when run as a script
+
 from mono import acts, features, store  # noqa: E402
 from mono.config import PRESETS, with_overrides  # noqa: E402
 from mono.lm import Lm  # noqa: E402
@@ -133,37 +135,6 @@ def side_by_side(out: str, rounds: int = 3, batch: int = 4096) -> dict:
 # --- one size in a subprocess -------------------------------------------------------------
 
 
-def _hwm_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _descendants(root: int) -> dict[int, str]:
-    parent, names = {}, {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-                names[int(d)] = open(f"/proc/{d}/cmdline", "rb").read()[:40].decode(
-                    errors="replace")
-            except OSError:
-                continue
-    out, frontier = {}, [root]
-    while frontier:
-        p = frontier.pop()
-        for c, pp in parent.items():
-            if pp == p and c not in out:
-                out[c] = names.get(c, "")
-                frontier.append(c)
-    return out
-
-
 def child(out: str, times: int) -> None:
     """Run the stage on the x`times` manifest; print one JSON line of results."""
     import ray
@@ -176,9 +147,9 @@ def child(out: str, times: int) -> None:
 
     def poll():
         while not stop.is_set():
-            for pid, name in _descendants(os.getpid()).items():
+            for pid, name in descendants(os.getpid()).items():
                 if "ray::" in name:          # Ray workers (scan tasks), not raylet/gcs
-                    peaks[pid] = (name, max(peaks.get(pid, ("", 0))[1], _hwm_kb(pid)))
+                    peaks[pid] = (name, max(peaks.get(pid, ("", 0))[1], hwm_kb(pid)))
             stop.wait(0.05)
 
     threading.Thread(target=poll, daemon=True).start()
@@ -189,7 +160,7 @@ def child(out: str, times: int) -> None:
     stop.set()
     workers = sorted((kb for _, kb in peaks.values()), reverse=True)
     print(json.dumps({"rows": summary["rows"], "l0": summary["l0"], "wall": wall,
-                      "seconds": summary["seconds"], "driver_kb": _hwm_kb(os.getpid()),
+                      "seconds": summary["seconds"], "driver_kb": hwm_kb(os.getpid()),
                       "worker_kb": workers[:1] or [0], "n_workers": len(workers)}))
     ray.shutdown()
 

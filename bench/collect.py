@@ -53,6 +53,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _rss import descendants, hwm_kb  # bench/ is on sys.path when run as a script
+
 from mono import acts, store  # noqa: E402
 from mono.config import PRESETS, with_overrides  # noqa: E402
 from mono.lm import Lm  # noqa: E402
@@ -141,45 +143,14 @@ def throughput(root: str, n_ctx: int, rounds: int) -> dict:
 # --- (b) memory ------------------------------------------------------------------------
 
 
-def _hwm_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _descendants(root: int) -> dict[int, str]:
-    parent, names = {}, {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-                names[int(d)] = open(f"/proc/{d}/cmdline", "rb").read()[:60].decode(
-                    errors="replace")
-            except OSError:
-                continue
-    out, frontier = {}, [root]
-    while frontier:
-        p = frontier.pop()
-        for c, pp in parent.items():
-            if pp == p and c not in out:
-                out[c] = names.get(c, "")
-                frontier.append(c)
-    return out
-
-
 def rss_child(out: str) -> None:
     """Run one collection under `out` (already prepared) and print peak RSS as JSON."""
     me, peaks, names, stop = os.getpid(), {}, {}, threading.Event()
 
     def poll():
         while not stop.is_set():
-            for pid, name in _descendants(me).items():
-                peaks[pid] = max(peaks.get(pid, 0), _hwm_kb(pid))
+            for pid, name in descendants(me).items():
+                peaks[pid] = max(peaks.get(pid, 0), hwm_kb(pid))
                 names[pid] = name
             stop.wait(0.05)
 
@@ -197,7 +168,7 @@ def rss_child(out: str) -> None:
         watcher.join()
     workers = [kb for pid, kb in peaks.items() if names[pid].startswith("ray::")]
     actors = [kb for pid, kb in peaks.items() if "MapWorker" in names[pid]]
-    print("RSS " + json.dumps({"rows": manifest["rows"], "driver_mb": _hwm_kb(me) / 1024,
+    print("RSS " + json.dumps({"rows": manifest["rows"], "driver_mb": hwm_kb(me) / 1024,
                                "actor_mb": max(actors, default=0) / 1024,
                                "sum_workers_mb": sum(workers) / 1024,
                                "n_workers": len(workers)}))
