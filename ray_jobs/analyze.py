@@ -19,8 +19,10 @@ from mono import cli, features
 SECTIONS = ("analysis",)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, init=None) -> dict:
     cfg = cli.parse(argv, "python -m ray_jobs.analyze", __doc__, SECTIONS)
+    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
+        init()
     summary = features.run(cfg)
     classes = ", ".join(f"{n} {c}" for c, n in summary["classes"].items())
     print(f"analysis: {summary['trial']} ({summary['chosen']}): {summary['n_features']} "
@@ -32,5 +34,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    main()
+    main(init=ray.init)

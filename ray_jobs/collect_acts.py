@@ -15,8 +15,10 @@ from mono import acts, cli
 SECTIONS = ("acts",)
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None, init=None):
     cfg = cli.parse(argv, "python -m ray_jobs.collect_acts", __doc__, SECTIONS)
+    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
+        init()
     manifest = acts.run(cfg)
     print(f"activation shards: {manifest['rows']} rows ({manifest['n_contexts']} contexts x "
           f"{manifest['tokens_per_context']}, H={manifest['H']} {manifest['dtype']}), "
@@ -26,5 +28,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    ray.init()
-    main()
+    main(init=ray.init)

@@ -83,9 +83,11 @@ def _size(n: int) -> str:
             return f"{n:.1f} {unit}"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None, init=None) -> list[dict]:
     """Run the stages; returns one dict per stage: stage, ran, seconds, dir, files, bytes."""
     cfg = cli.parse(argv, "python -m ray_jobs.pipeline", __doc__, SECTIONS)
+    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
+        init()
     store.write_json(store.Layout(cfg.out).cfg, cfg.to_dict())
     print(f"pipeline: {cfg.out} (config in {store.Layout(cfg.out).cfg})")
     results, missing, t_all = [], None, time.perf_counter()
@@ -128,5 +130,4 @@ def _print_summary(results: list[dict], cfg, total_s: float) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    main()
+    main(init=ray.init)

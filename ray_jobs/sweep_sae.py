@@ -24,11 +24,13 @@ from mono import cli, sweep
 SECTIONS = ("sweep", "sae")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, init=None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--report-only", action="store_true")
     known, rest = pre.parse_known_args(argv)
     cfg = cli.parse(rest, "python -m ray_jobs.sweep_sae", __doc__, SECTIONS)
+    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
+        init()
     try:
         summary = sweep.report(cfg) if known.report_only else sweep.run(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad input: checked before any trial
@@ -45,5 +47,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    main()
+    main(init=ray.init)

@@ -18,8 +18,10 @@ from mono import cli, tokens
 SECTIONS = ("tokens",)
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None, init=None):
     cfg = cli.parse(argv, "python -m ray_jobs.tokenize_corpus", __doc__, SECTIONS)
+    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
+        init()
     manifest = tokens.run(cfg)
     rows, docs = manifest["rows"], manifest["docs"]
     print(f"tokens: {rows['train']} train / {rows['val']} val contexts of {manifest['ctx_len']} "
@@ -30,5 +32,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    main()
+    main(init=ray.init)

@@ -17,8 +17,10 @@ from mono import cli, train_lm
 SECTIONS = ("lm", "train_lm")
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None, init=None):
     cfg = cli.parse(argv, "python -m ray_jobs.train_lm", __doc__, SECTIONS)
+    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
+        init()
     m = train_lm.run(cfg)
     print(f"LM: val loss {m['val_loss']:.4f} nats after {m['step']} steps ({m['tokens']:,} "
           f"tokens) vs unigram baselines on the same val targets: entropy "
@@ -30,5 +32,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    main()
+    main(init=ray.init)

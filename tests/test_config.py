@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -281,3 +283,24 @@ def test_cli_makes_local_out_absolute(tmp_path, monkeypatch):
     assert cfg.out == str(tmp_path / "rel" / "run")
     cfg = cli.parse(["--preset", "tiny", "--out", "s3://bucket/run"], "p", "d", ("sweep",))
     assert cfg.out == "s3://bucket/run"
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--preset", "nope"], 2),
+                                        (["--preset", "tiny", "--lr", "-1"], 2)])
+@pytest.mark.parametrize("job", JOBS)
+def test_jobs_parse_before_ray_starts(job, argv, code, capsys):
+    """`--help` and bad flags answer before ray.init: the job's init hook is never called."""
+    module = importlib.import_module(f"ray_jobs.{job}")
+    calls = []
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv, init=lambda: calls.append("ray.init"))
+    assert exc.value.code == code and calls == []
+
+
+def test_help_from_a_shell_starts_no_ray():
+    """The real `python -m ray_jobs.pipeline --help`: exits 0 with no local Ray instance."""
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--sweep.l1_coeff" in proc.stdout
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
