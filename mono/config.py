@@ -138,7 +138,8 @@ class TrainLmConfig:
     log_interval: int = 100
     """Steps between progress lines."""
     num_workers: int = 1
-    """Ray Train workers (DDP ranks); 1 on a laptop."""
+    """Ray Train workers (DDP ranks); 1 on a laptop. 0 trains in the calling process without
+    Ray Train (the tiny preset's smoke runs: Ray Train's start-up is ~15-20 s on 2 cores)."""
     use_gpu: bool = False
     """One GPU per Ray Train worker."""
     dtype: str = "auto"
@@ -149,9 +150,9 @@ class TrainLmConfig:
 
     def __post_init__(self):
         _positive(self, "max_iters", "batch_size", "grad_accum", "lr", "eval_interval",
-                  "eval_iters", "log_interval", "num_workers", "beta1", "beta2")
+                  "eval_iters", "log_interval", "beta1", "beta2")
         _non_negative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip",
-                      "max_failures")
+                      "max_failures", "num_workers")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"TrainLmConfig betas must be < 1, got ({self.beta1}, {self.beta2})")
         _choice(self, "dtype", ("auto", "bfloat16", "float32"))
@@ -438,17 +439,20 @@ def with_overrides(cfg: Config, **sections: dict) -> Config:
 PRESETS: dict[str, Config] = {
     "tiny": Config(
         out="runs/tiny",
-        tokens=TokensConfig(ctx_len=64, docs_per_block=256),
+        # Smoke-test sizes: the whole pipeline in ~40 s on 2 cores (README figures). 200 of
+        # the embedded corpus's documents (~320 k tokens), an LM trained in this process (no
+        # Ray Train start-up), 1024 contexts collected, 64 SAE steps per trial.
+        tokens=TokensConfig(ctx_len=64, docs_per_block=256, max_docs=200),
         lm=LmConfig(d_model=32, n_head=2, d_mlp=128, block_size=64),
         train_lm=TrainLmConfig(max_iters=30, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4,
                                warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10,
-                               max_failures=0),
-        acts=ActsConfig(tokens_per_context=16, n_contexts=0, batch_contexts=16,
+                               max_failures=0, num_workers=0),
+        acts=ActsConfig(tokens_per_context=16, n_contexts=1024, batch_contexts=16,
                         shard_contexts=64, row_group_rows=256),
         sae=SaeConfig(n_features=256, batch_size=256, n_steps=0, resample_at=(8,),
                       dead_window=4, resample_inputs=1024, geom_median_samples=512,
                       shuffle_buffer=2048, eval_interval=8, eval_contexts=4,
-                      checkpoint_interval=8),
+                      checkpoint_interval=16),
         sweep=SweepConfig(l1_coeff=(1e-3, 1e-2), lr=(1e-3,), pool_rows=2048),
         analysis=AnalysisConfig(top_k=5, n_intervals=4, samples_per_interval=2, window=3,
                                 target_l0=1e9),

@@ -44,6 +44,12 @@ LOSS_CHUNK_TOKENS = 8192
 # sampled rows lost to one causal flash-attention pass over the prefix (H100: 2.4 ms vs
 # 0.8 ms per batch), so there only the MLP runs at the sampled rows.
 ATTN_CHUNKS = 4
+# Rows per chunk of the training loss (`linear_cross_entropy`): (128, 50304) float32 logits
+# are 26 MB, L3-sized. Measured on 2 CPU threads, 512 tokens per step (2026-11-27, loaded
+# box): 128 rows beat 16/32/64/512; the demo LM's whole step 1.4x, the tiny LM's 2.0x the
+# unfused F.cross_entropy step, which is then bound by the three (512, 128) x (128, 50304)
+# matmuls (bench/lm.py).
+CE_CHUNK_ROWS = 128
 ATTN_MIN_QUERIES = 32
 SAMPLED_ATTENTION_DEVICES = ("cpu",)
 
@@ -59,8 +65,9 @@ def _rows(positions: Tensor, x: Tensor) -> Tensor:
 
 
 class LmOutput(NamedTuple):
-    logits: Tensor
-    """(B, T, V) next-token logits."""
+    logits: Tensor | None
+    """(B, T, V) next-token logits; None when targets were given (the loss is then computed
+    chunk by chunk and the logits never exist whole)."""
     loss: Tensor | None
     """Mean cross-entropy over the targets (None without targets)."""
 
@@ -147,6 +154,63 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h W^T, targets) with the gradients made in the forward, chunk by chunk.
+
+    The unembedding dominates this model's step (V = 50304 against d_model 128): unfused,
+    the (N, V) logits go to memory and back some eight times (matmul out, log-softmax and
+    its backward, the NLL gradient's zero fill, two matmuls in backward). Here each chunk's
+    logits are made, turned into (softmax - onehot) / n in place while cache-resident, and
+    multiplied into grad_h and grad_W at once (as Liger-Kernel's fused linear cross-entropy
+    does on GPUs). The gradients are saved and scaled by grad_output in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, W: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        valid = targets != -1
+        n = valid.sum().clamp(min=1)
+        dtype = (torch.get_autocast_dtype(h.device.type)
+                 if torch.is_autocast_enabled(h.device.type) else h.dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and grad_W at >= fp32
+        with torch.autocast(h.device.type, enabled=False):
+            hc, Wc = h.to(dtype), W.to(dtype)
+            grad_h = torch.empty_like(hc)
+            grad_W = torch.zeros(W.shape, dtype=acc, device=W.device)
+            total = torch.zeros((), dtype=acc, device=h.device)
+            for start in range(0, h.shape[0], chunk):
+                hs, ts = hc[start:start + chunk], targets[start:start + chunk]
+                vs = valid[start:start + chunk]
+                logits = (hs @ Wc.T).to(acc)                          # (n, V)
+                rows, tgt = torch.arange(len(ts), device=h.device), ts.clamp(min=0)
+                w = vs.to(acc) / n                                    # 1/n, 0 if ignored
+                picked = logits[rows, tgt]
+                top = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(top).exp_()                       # in place, one exp
+                norm = probs.sum(dim=1, keepdim=True)
+                total += ((norm.log() + top).squeeze(1).sub_(picked) * vs).sum()
+                probs.mul_(w[:, None] / norm)                         # softmax / n
+                probs[rows, tgt] -= w                                 # - onehot / n
+                g = probs.to(dtype)
+                grad_h[start:start + chunk] = g @ Wc
+                grad_W.addmm_(probs.T, hs.to(acc))
+        ctx.save_for_backward(grad_h.to(h.dtype), grad_W.to(W.dtype))
+        return total / n.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_W = ctx.saved_tensors
+        return grad_h * grad_out, grad_W * grad_out, None, None
+
+
+def linear_cross_entropy(h: Tensor, W: Tensor, targets: Tensor,
+                         chunk: int = CE_CHUNK_ROWS) -> Tensor:
+    """Mean cross-entropy of logits h W^T (h (N, D), W (V, D)) against targets (N,), -1 =
+    ignore; equal to `F.cross_entropy(h @ W.T, targets, ignore_index=-1)` without the (N, V)
+    logits in memory (`_LinearCrossEntropy`). Only for training: it computes the gradient
+    whether or not it is needed."""
+    return _LinearCrossEntropy.apply(h, W, targets, chunk)
+
+
 class Lm(nn.Module):
     """The seed's one-layer GPT: `forward` for training, `mlp_acts` for the SAE data."""
 
@@ -214,16 +278,17 @@ class Lm(nn.Module):
     # --- training ----------------------------------------------------------------------
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> LmOutput:
-        """idx (B, T) token ids, targets (B, T) next ids (-1 = ignore) -> LmOutput with
-        logits (B, T, V) and the mean cross-entropy."""
-        x = self._embed(idx)
-        x = self.transformer.h[-1](x)
-        logits = self.lm_head(self.transformer.ln_f(x))               # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=-1)
-        return LmOutput(logits, loss)
+        """idx (B, T) token ids -> LmOutput with logits (B, T, V); with targets (B, T)
+        (next ids, -1 = ignore) instead the mean cross-entropy and no logits, through the
+        chunked `linear_cross_entropy` (the training step)."""
+        x = self.transformer.ln_f(self.transformer.h[-1](self._embed(idx)))  # (B, T, D)
+        if targets is None:
+            return LmOutput(self.lm_head(x), None)                    # (B, T, V)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of idx "
+                             f"{tuple(idx.shape)}")
+        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return LmOutput(None, loss)
 
     # --- the SAE's view: activations and losses with the MLP replaced -----------------
 

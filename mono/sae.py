@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import embedding_bag
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +281,15 @@ class StepStats(NamedTuple):
     """Mean number of active features per example."""
 
 
+PATHS = ("auto", "dense", "sparse")
+SPARSE_MAX_DENSITY = 0.05
+"""`Trainer(path="auto")` takes the sparse backward when at most this fraction of f is
+active (measured crossover on CPU; module docstring)."""
+_SCAN_CHUNK = 1 << 22
+"""Elements of f scanned per nonzero() call (1024 rows at F 4096): bounds the scan a dense
+batch wastes before falling back."""
+
+
 class Trainer:
     """Trains a SparseAutoencoder in place: `stats = trainer.step(x)` per batch.
 
@@ -291,7 +302,10 @@ class Trainer:
     """
 
     def __init__(self, sae: SparseAutoencoder, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
+                 path: str = "auto"):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.sae = sae
         self.opt = FeatureAdam(sae, lr, betas, eps)
         self.grads = {n: torch.zeros_like(p) for n, p in sae.named_parameters()}
@@ -300,6 +314,10 @@ class Trainer:
         self.fire_counts = torch.zeros(sae.n_features, dtype=torch.float64,
                                        device=sae.W_enc.device)                       # (F,)
         self.n_steps = 0
+        self.path = path
+        """"auto" (sparse on CPU when f's density <= SPARSE_MAX_DENSITY), "dense" or "sparse"."""
+        self.last_path: str | None = None
+        """The path the last `compute_grads` took: "dense" or "sparse"."""
         self._buf: dict[str, Tensor] = {}
 
     @property
@@ -326,19 +344,57 @@ class Trainer:
 
     @torch.no_grad()
     def compute_grads(self, x: Tensor) -> StepStats:
-        """Loss gradients of batch x (N, H) into `self.grads` (no projection); the stats."""
-        sae, gr = self.sae, self.grads
+        """Loss gradients of batch x (N, H) into `self.grads` (no projection); the stats.
+
+        Forward to f on both paths, then the dense or the sparse backward (`self.path`; the
+        one taken is left in `self.last_path`).
+        """
+        sae = self.sae
         if x.ndim != 2 or x.shape[1] != sae.d_in:
             raise ValueError(f"batch must be (N, {sae.d_in}), got {tuple(x.shape)}")
         x = x.to(sae.W_enc.device, non_blocking=True)
-        n, h = x.shape
-        b = self._buffers(n)
+        b = self._buffers(x.shape[0])
+        b["l1_grad"].fill_(sae.l1_coeff / x.shape[0])  # (F,) cheap; follows l1_coeff changes
+        torch.sub(x, sae.b_dec, out=b["xc"])
+        torch.addmm(sae.b_enc, b["xc"], sae.W_enc, out=b["f"])                # (N, F)
+        b["f"].relu_()
+        active = self._active_entries(b["f"])
+        path = "dense" if active is None else "sparse"
+        if path != self.last_path:
+            logger.debug("SAE step %d: %s backward", self.n_steps, path)
+        self.last_path = path
+        if active is None:
+            return self._dense_backward(x, b)
+        return self._sparse_backward(x, b, *active)
+
+    def _active_entries(self, f: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The sparse path's input: (flat indices into f (nnz,), f there (nnz,)) in row-major
+        order, or None for the dense path.
+
+        "auto" goes sparse on the CPU only (the crossover is measured there) and only while
+        nnz <= SPARSE_MAX_DENSITY * N * F: f is scanned in chunks of rows and the scan stops
+        as soon as the count passes that budget, so a dense batch wastes at most a chunk's
+        scan.
+        """
+        if self.path == "dense" or (self.path == "auto" and f.device.type != "cpu"):
+            return None
+        flat = f.view(-1)
+        budget = flat.numel() if self.path == "sparse" else SPARSE_MAX_DENSITY * flat.numel()
+        parts, nnz = [], 0
+        for start in range(0, flat.numel(), _SCAN_CHUNK):
+            idx = flat[start:start + _SCAN_CHUNK].nonzero().squeeze(1)
+            nnz += idx.numel()
+            if nnz > budget:
+                return None
+            parts.append(idx.add_(start))
+        idx = torch.cat(parts)
+        return idx, flat[idx]
+
+    def _dense_backward(self, x: Tensor, b: dict[str, Tensor]) -> StepStats:
+        """Decode and backward as 3 more GEMMs over the dense f (b["f"], after the ReLU)."""
+        sae, gr = self.sae, self.grads
         xc, f, e, g, ones = b["xc"], b["f"], b["e"], b["g"], b["ones"]
-        b["l1_grad"].fill_(sae.l1_coeff / n)          # (F,) cheap; follows l1_coeff changes
-        # forward
-        torch.sub(x, sae.b_dec, out=xc)
-        torch.addmm(sae.b_enc, xc, sae.W_enc, out=f)                      # (N, F)
-        f.relu_()
+        n, h = x.shape
         torch.addmm(sae.b_dec, f, sae.W_dec, out=e)                       # (N, H) x_hat
         e.sub_(x)
         # active counts through sign() into g, free until the backward: count_nonzero and
@@ -356,10 +412,61 @@ class Trainer:
         torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)
         torch.mm(xc.T, g, out=gr["W_enc"])                                 # (H, F)
         torch.mv(g.T, ones, out=gr["b_enc"])                               # (F,)
+        self._b_dec_grad(e)
+        return StepStats(mse + sae.l1_coeff * l1, mse, l1, l0)
+
+    def _sparse_backward(self, x: Tensor, b: dict[str, Tensor], idx: Tensor,
+                         vals: Tensor) -> StepStats:
+        """Decode and backward touching only f's nnz active entries (flat `idx`, values
+        `vals`): the dense path's maths, summed in another order.
+
+        Each example's entries (CSR order, as scanned) decode through embedding_bag over
+        W_dec's rows; dloss/dpre at the same entries is a sampled product (sampled_addmm);
+        the same entries sorted by feature (CSC) make dW_dec and dW_enc one embedding_bag
+        each over the rows of e and xc, one bag per feature.
+        """
+        sae, gr = self.sae, self.grads
+        xc, e = b["xc"], b["e"]
+        n, h = x.shape
+        n_feat = sae.n_features
+        rows = idx.div(n_feat, rounding_mode="floor")
+        cols = idx - rows * n_feat
+        crow = idx.new_zeros(n + 1)                                        # CSR row pointers
+        torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
+        x_hat = embedding_bag(cols, sae.W_dec, crow[:-1], mode="sum", per_sample_weights=vals)
+        torch.sub(x_hat, x, out=e).add_(sae.b_dec)                         # (N, H) x_hat - x
+        counts = torch.bincount(cols, minlength=n_feat)                    # (F,) active examples
+        self.fire_counts += counts
+        mse = torch.dot(e.view(-1), e.view(-1)) / (n * h)
+        l1 = vals.sum() / n
+        l0 = vals.new_tensor(idx.numel() / n)
+        e.mul_(2.0 / (n * h))
+        # dloss/dpre on the active entries (the ReLU passes them, |f|' = 1 there):
+        # l1_coeff / N + e[b] . W_dec[j]
+        with warnings.catch_warnings():    # torch flags every CSR tensor as "beta"
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(crow, cols, vals.new_full(vals.shape,
+                                              sae.l1_coeff / n), (n, n_feat),
+                                              check_invariants=False)
+        g_vals = torch.sparse.sampled_addmm(pattern, e, sae.W_dec.T).values()        # (nnz,)
+        # CSC order: a stable sort keeps each feature's examples ascending (deterministic)
+        perm = torch.argsort(cols, stable=True)
+        rows_c = rows[perm]
+        starts = torch.cumsum(counts, 0).sub_(counts)                     # (F,) bag offsets
+        gr["W_dec"].copy_(embedding_bag(rows_c, e, starts, mode="sum",
+                                        per_sample_weights=vals[perm]))   # (F, H) f^T e
+        gr["W_enc"].copy_(embedding_bag(rows_c, xc, starts, mode="sum",
+                                        per_sample_weights=g_vals[perm]).T)  # (H, F) xc^T g
+        gr["b_enc"].zero_().index_add_(0, cols, g_vals)                   # (F,)
+        self._b_dec_grad(e)
+        return StepStats(mse + sae.l1_coeff * l1, mse, l1, l0)
+
+    def _b_dec_grad(self, e: Tensor) -> None:
+        """b_dec's gradient from dloss/dx_hat e (N, H) and b_enc's (already in self.grads)."""
+        gr = self.grads
         # b_dec enters twice: + through x_hat, - through x_bar = x - b_dec
         torch.sum(e, dim=0, out=gr["b_dec"])                               # (H,)
-        gr["b_dec"].addmv_(sae.W_enc, gr["b_enc"], alpha=-1)
-        return StepStats(mse + sae.l1_coeff * l1, mse, l1, l0)
+        gr["b_dec"].addmv_(self.sae.W_enc, gr["b_enc"], alpha=-1)
 
     @torch.no_grad()
     def step(self, x: Tensor) -> StepStats:

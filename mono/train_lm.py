@@ -29,8 +29,9 @@ batch_size contexts):
   unigram_xent     cross-entropy of val under the train split's unigram distribution with
                    add-one smoothing over the vocabulary: what a fitted unigram model gets.
 
-`train(cfg)` is the loop in plain torch in one process (tests, benchmarks). `run(cfg)` runs
-the same loop under Ray Train's TorchTrainer on num_workers DDP ranks; a rerun with the same
+`train(cfg)` is the loop in plain torch in one process (tests, benchmarks, and `run` with
+num_workers = 0, the tiny preset). `run(cfg)` runs the same loop under Ray Train's
+TorchTrainer on num_workers DDP ranks; a rerun with the same
 out resumes from the latest checkpoint (Train V2: same RunConfig(name, storage_path) +
 `ray.train.get_checkpoint()`), and plain `train` resumes from <out>/lm/train_state.pt.
 
@@ -408,13 +409,17 @@ def check_inputs(cfg: Config) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    """Train the LM with Ray Train (num_workers DDP ranks, a GPU each with use_gpu).
+    """Train the LM with Ray Train (num_workers DDP ranks, a GPU each with use_gpu), or with
+    num_workers = 0 in this process (`train`, the GPU with use_gpu).
 
     Rerunning with the same out resumes from the latest checkpoint. Returns metrics.json:
     val_loss, unigram_entropy, unigram_xent, step, tokens, history.
     """
     check_inputs(cfg)
     tc = cfg.train_lm
+    if tc.num_workers == 0:
+        train(cfg, device=torch.device("cuda" if tc.use_gpu else "cpu"))
+        return store.read_lm_metrics(cfg.out)
     trainer = ray.train.torch.TorchTrainer(
         _worker, train_loop_config={"cfg": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),

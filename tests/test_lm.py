@@ -12,7 +12,7 @@ import torch
 
 from mono import store
 from mono.config import PRESETS, LmConfig
-from mono.lm import Lm
+from mono.lm import Lm, linear_cross_entropy
 
 TINY = PRESETS["tiny"].lm
 
@@ -65,11 +65,51 @@ def test_architecture_is_the_seeds():
 
 def test_forward_shapes_and_loss(model):
     idx = tokens(2, 16)
-    logits, loss = model(idx, idx)
-    assert logits.shape == (2, 16, 50304)
-    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
-    torch.testing.assert_close(loss, ref)
-    assert model(idx).loss is None
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, 50304) and loss is None
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -1                                           # ignored
+    out = model(idx, targets)
+    assert out.logits is None                                     # never materialised
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                            ignore_index=-1)
+    torch.testing.assert_close(out.loss, ref)
+    with pytest.raises(ValueError, match="targets"):
+        model(idx, targets[:, :8])
+
+
+@pytest.mark.parametrize("chunk", [5, 128])
+def test_linear_cross_entropy_equals_the_unfused_loss_and_grads(chunk):
+    """The chunked training loss: value and both gradients equal autograd through
+    F.cross_entropy(h @ W.T) in float64, with ignored targets and a partial last chunk."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    W = torch.randn(300, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randint(0, 300, (37,), generator=gen)
+    t[::4] = -1
+    loss = linear_cross_entropy(h, W, t, chunk)
+    (3 * loss).backward()
+    grads = h.grad, W.grad
+    h.grad = W.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ W.T, t, ignore_index=-1)
+    (3 * ref).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], h.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[1], W.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_under_bf16_autocast():
+    """Under autocast the matmuls run in bf16, the softmax in fp32; grads keep the dtypes."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(16, 32, generator=gen, requires_grad=True)
+    W = (0.1 * torch.randn(100, 32, generator=gen)).requires_grad_()
+    t = torch.randint(0, 100, (16,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, W, t)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == W.grad.dtype == torch.float32
+    ref = torch.nn.functional.cross_entropy(h @ W.T, t)
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_mlp_acts_equals_the_activation_inside_a_full_forward(model):

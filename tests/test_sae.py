@@ -1,5 +1,6 @@
-"""Stage 4 SAE maths: loss, init, geometric median, the fast step against autograd, the
-decoder-norm invariant, fired tracking, checkpoint/resume, and ground-truth fidelity."""
+"""Stage 4 SAE maths: loss, init, geometric median, the fast step (dense and sparse
+backward) against autograd, the decoder-norm invariant, fired tracking, checkpoint/resume,
+and ground-truth fidelity."""
 
 import itertools
 import math
@@ -10,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import mono.sae
 from mono.sae import (
+    SPARSE_MAX_DENSITY,
     FeatureAdam,
     SparseAutoencoder,
     Trainer,
@@ -156,10 +159,11 @@ def test_compute_grads_match_autograd():
     assert_close(stats.l0, (out.f > 0).sum(1).double().mean())
 
 
+@pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_fast_step_matches_reference_step(device):
+def test_fast_step_matches_reference_step(device, path):
     fast, ref = make_sae(device=device), make_sae(device=device)
-    trainer = Trainer(fast, lr=1e-3)
+    trainer = Trainer(fast, lr=1e-3, path=path)
     opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     for i in range(12):
         x = gelu_batch(64, 16, seed=i).to(device)
@@ -168,9 +172,69 @@ def test_fast_step_matches_reference_step(device):
         assert_close(stats.loss, out.loss.detach())
         assert_close(stats.mse, out.mse.detach())
         assert_close(stats.l1, out.l1.detach())
+        assert trainer.last_path == path
     for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         assert_close(p, q, msg=name)
         assert not torch.equal(p, make_sae(device=device).get_parameter(name)), name   # it trained
+
+
+def low_density_sae(shift, **kw):
+    """make_sae with b_enc lowered by `shift`: the trained regime of a few % active."""
+    sae = make_sae(**kw)
+    with torch.no_grad():
+        sae.b_enc -= shift
+    return sae
+
+
+@pytest.mark.parametrize("shift", [0.12, 0.3, 1e3])      # ~10%, ~2%, nothing active
+@pytest.mark.parametrize("scan_chunk", [None, 100])     # one nonzero() scan, or many
+def test_sparse_grads_and_stats_equal_dense(shift, scan_chunk, monkeypatch):
+    if scan_chunk:
+        monkeypatch.setattr(mono.sae, "_SCAN_CHUNK", scan_chunk)
+    x = gelu_batch(64, 16, seed=0)
+    dense, sparse = (Trainer(low_density_sae(shift), lr=1e-3, path=p)
+                     for p in ("dense", "sparse"))
+    want, got = dense.compute_grads(x), sparse.compute_grads(x)
+    assert sparse.last_path == "sparse" and dense.last_path == "dense"
+    density = want.l0.item() / 48
+    assert density < 0.15 and (shift < 1e3) == (density > 0)
+    for name in dense.grads:
+        assert_close(sparse.grads[name], dense.grads[name], msg=name)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    assert torch.equal(sparse.fire_counts, dense.fire_counts)
+
+
+def test_sparse_steps_equal_dense_steps_at_low_density():
+    dense, sparse = (Trainer(low_density_sae(0.3), lr=1e-2, path=p) for p in ("dense", "sparse"))
+    for i in range(10):
+        x = gelu_batch(64, 16, seed=i)
+        assert_close(sparse.step(x).loss, dense.step(x).loss)
+    for name, p in dense.sae.named_parameters():
+        assert_close(sparse.sae.get_parameter(name), p, msg=name)
+    for key, v in dense.state_dict().items():
+        assert_close(sparse.state_dict()[key], v, msg=key)
+    assert_close(sparse.sae.W_dec.norm(dim=1), torch.ones(48, dtype=torch.float64))
+
+
+def test_auto_path_dense_at_init_sparse_when_trained_sparse():
+    x = gelu_batch(256, 16, seed=0)
+    at_init = Trainer(SparseAutoencoder(16, 48, 1e-2, dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(0)), lr=1e-3)
+    stats = at_init.compute_grads(x)
+    assert stats.l0.item() / 48 > 0.2 and at_init.last_path == "dense"
+    sparse = Trainer(low_density_sae(0.3), lr=1e-3)
+    stats = sparse.compute_grads(x)
+    assert stats.l0.item() / 48 <= SPARSE_MAX_DENSITY and sparse.last_path == "sparse"
+    with pytest.raises(ValueError, match="path"):
+        Trainer(make_sae(), lr=1e-3, path="csr")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_path_stays_dense_off_cpu(device):
+    trainer = Trainer(low_density_sae(0.3, device=device), lr=1e-3)
+    trainer.compute_grads(gelu_batch(64, 16, seed=0).to(device))
+    assert trainer.last_path == ("sparse" if device == "cpu" else "dense")
 
 
 def test_decoder_unit_norm_every_step_and_projected_grad_orthogonal():

@@ -184,6 +184,17 @@ def test_autocast_dtype_choices():
     assert train_lm.autocast_dtype("bfloat16", cpu) is torch.bfloat16
 
 
+def test_run_with_zero_workers_trains_in_process(tmp_path):
+    """num_workers = 0 (the tiny preset): run() is train() in this process, no Ray Train."""
+    write_tokens(str(tmp_path))
+    m = train_lm.run(tiny_cfg(tmp_path, num_workers=0, max_iters=6, eval_interval=3))
+    assert m["step"] == 6 and [h["step"] for h in m["history"]] == [3, 6]
+    assert not (tmp_path / "lm" / "ray").exists()
+    assert store.load_lm(str(tmp_path)).num_params() > 0
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainLmConfig(num_workers=-1)
+
+
 @pytest.mark.slow
 def test_ray_train_ddp_two_workers_and_the_job(tmp_path, ray_local, capsys):
     from ray_jobs import train_lm as job
