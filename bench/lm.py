@@ -16,7 +16,9 @@ DESIGN.md reference on this machine: the seed's own code 36.7 k vectors/s; compu
 what the sampled rows need reached 2.3x.
 
 (b) Training: tokens/s of `mono.train_lm.train` (the real loop, on synthetic token shards
-of 1024-token contexts written to a temp dir) and model FLOPs utilisation. FLOPs per token
+of 1024-token contexts written to a temp dir) and model FLOPs utilisation; then the same
+loop with the unfused loss (F.cross_entropy on whole (N, V) logits) in place of the chunked
+`mono.lm.linear_cross_entropy`, for the ratio. FLOPs per token
 follow nanoGPT's `estimate_mfu`: 6·N + 12·L·D·T, N = parameters without the position
 embedding (the tied unembedding counted once: its matmul is most of the work), plus the
 attention term (L layers, D = d_model, T context). Peak: the best of a few 4096^3 float32
@@ -33,6 +35,7 @@ import time
 import numpy as np
 import torch
 
+import mono.lm
 from mono import store, train_lm
 from mono.config import PRESETS, with_overrides
 from mono.lm import Lm
@@ -102,7 +105,23 @@ def extraction(device: torch.device, rounds: int, batch: int, T: int, P: int) ->
             "last_pos": [int(p.max()) for _, p in batches]}
 
 
-def training(device: torch.device, steps: int, batch: int, T: int, dtype: str) -> dict:
+def unfused_cross_entropy(h, W, targets, chunk=0):
+    """The plain loss `linear_cross_entropy` replaces: (N, V) logits, autograd backward."""
+    return torch.nn.functional.cross_entropy(h @ W.T, targets, ignore_index=-1)
+
+
+def training(device: torch.device, steps: int, batch: int, T: int, dtype: str,
+             loss_fn=None) -> dict:
+    """tokens/s of the real loop; loss_fn replaces mono.lm.linear_cross_entropy (unfused)."""
+    fused = mono.lm.linear_cross_entropy
+    mono.lm.linear_cross_entropy = loss_fn or fused
+    try:
+        return _training(device, steps, batch, T, dtype)
+    finally:
+        mono.lm.linear_cross_entropy = fused
+
+
+def _training(device: torch.device, steps: int, batch: int, T: int, dtype: str) -> dict:
     cfg = PRESETS["paper"]
     with tempfile.TemporaryDirectory() as d:
         rng, splits = np.random.default_rng(0), {}
@@ -151,7 +170,11 @@ def main() -> None:
                           args, T)
     if args.only != "extract":
         tr = training(device, args.train_steps, args.train_batch, T, args.dtype)
+        unfused = training(device, args.train_steps, args.train_batch, T, args.dtype,
+                           unfused_cross_entropy)
         report_training(tr, pk, matmul_peak(torch.float32, 4096, 3, device), args, T)
+        print(f"  unfused cross-entropy step  {unfused['tokens_per_s']:12,.0f} tokens/s: the "
+              f"chunked linear_cross_entropy is {tr['tokens_per_s'] / unfused['tokens_per_s']:.2f}x")
 
 
 def report_extraction(ex: dict, args, T: int) -> None:

@@ -439,15 +439,15 @@ def with_overrides(cfg: Config, **sections: dict) -> Config:
 PRESETS: dict[str, Config] = {
     "tiny": Config(
         out="runs/tiny",
-        # Smoke-test sizes: the whole pipeline in ~40 s on 2 cores (README figures). 200 of
-        # the embedded corpus's documents (~320 k tokens), an LM trained in this process (no
-        # Ray Train start-up), 1024 contexts collected, 64 SAE steps per trial.
-        tokens=TokensConfig(ctx_len=64, docs_per_block=256, max_docs=200),
+        # Smoke-test sizes: the whole pipeline in ~40 s on 2 cores (README figures). 40 of
+        # the embedded corpus's documents (~1 k contexts of 64), an LM trained in this process
+        # (no Ray Train start-up), every context collected, one pass (~60 SAE steps).
+        tokens=TokensConfig(ctx_len=64, docs_per_block=256, max_docs=40),
         lm=LmConfig(d_model=32, n_head=2, d_mlp=128, block_size=64),
         train_lm=TrainLmConfig(max_iters=30, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4,
                                warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10,
                                max_failures=0, num_workers=0),
-        acts=ActsConfig(tokens_per_context=16, n_contexts=1024, batch_contexts=16,
+        acts=ActsConfig(tokens_per_context=16, n_contexts=0, batch_contexts=16,
                         shard_contexts=64, row_group_rows=256),
         sae=SaeConfig(n_features=256, batch_size=256, n_steps=0, resample_at=(8,),
                       dead_window=4, resample_inputs=1024, geom_median_samples=512,

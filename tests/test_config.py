@@ -36,6 +36,7 @@ JOBS = ("tokenize_corpus", "train_lm", "collect_acts", "sweep_sae", "analyze", "
 ZERO_OK = {
     ("tokens", "max_docs"), ("train_lm", "min_lr"), ("train_lm", "warmup_iters"),
     ("train_lm", "weight_decay"), ("train_lm", "grad_clip"), ("train_lm", "max_failures"),
+    ("train_lm", "num_workers"),
     ("acts", "n_contexts"), ("acts", "max_actors"), ("acts", "threads_per_actor"),
     ("sae", "n_steps"), ("sweep", "cpus_per_trial"),
     ("sweep", "gpus_per_trial"), ("sweep", "max_concurrent_trials"), ("sweep", "max_failures"),

@@ -37,7 +37,8 @@ def corpus(tmp_path) -> tuple[Path, list[str]]:
 
 
 def _cfg(out, corpus, **tokens_kw):
-    kw = {"corpus": str(corpus), "docs_per_block": 16, "rows_per_shard": 8, **tokens_kw}
+    kw = {"corpus": str(corpus), "docs_per_block": 16, "rows_per_shard": 8, "max_docs": 0,
+          **tokens_kw}
     return with_overrides(preset("tiny"), out=str(out), tokens=kw)
 
 
