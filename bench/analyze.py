@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _rss import descendants, hwm_kb  # bench/ is on sys.path when run as a script
 
-from mono import acts, features, store  # noqa: E402
+from mono import features, reader, store  # noqa: E402
 from mono.config import PRESETS, with_overrides  # noqa: E402
 from mono.lm import Lm  # noqa: E402
 from mono.sae import SparseAutoencoder  # noqa: E402
@@ -106,9 +106,9 @@ def side_by_side(out: str, rounds: int = 3, batch: int = 4096) -> dict:
     sae, _ = features.load_sae(os.path.join(out, "sae_single", "sae"))
     state = {k: v.detach().numpy() for k, v in sae.state_dict().items()}
     listed = store.read_json(os.path.join(out, "manifest-x1.json"))["files"]
-    shards = acts.shard_list([os.path.join(store.Layout(out).acts, f["name"]) for f in listed])
+    shards = reader.shard_list([os.path.join(store.Layout(out).acts, f["name"]) for f in listed])
     pieces = features.plan_pieces(shards, 0)
-    x = torch.cat([acts.to_float32(np.array(store.table_acts(store.read_table(f))[3]), "float16")
+    x = torch.cat([reader.to_float32(np.array(store.table_acts(store.read_table(f))[3]), "float16")
                    for f in shards["files"]])                                # (rows, H)
     common = {"batch_rows": batch, "seed": 0}
     times = {"encode": [], "pass1": [], "pass2": []}

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _rss import descendants, hwm_kb  # bench/ is on sys.path when run as a script
 
 from mono import acts, store  # noqa: E402
+from mono.reader import ActsReader  # noqa: E402
 from mono.config import PRESETS, with_overrides  # noqa: E402
 from mono.lm import Lm  # noqa: E402
 
@@ -235,7 +236,7 @@ def sae_samples_per_s(N=8192, H=512, F=4096, steps=4) -> float:
 
 
 def reader_rows_per_s(out: str, epochs: int = 4) -> float:
-    reader = acts.ActsReader(out, 8192, shuffle_buffer=262_144, epochs=epochs)
+    reader = ActsReader(out, 8192, shuffle_buffer=262_144, epochs=epochs)
     t0, rows = time.perf_counter(), 0
     for x in reader:
         rows += len(x)
@@ -260,7 +261,7 @@ def mixing(root: str, n_shards: int = 64, shard_ctx: int = 1024, batches: int = 
                                  np.zeros((len(ctx), 1), np.float16), "float16")
         store.write_acts_shard(os.path.join(d, store.acts_shard_name(first)), table, "zstd",
                                4096)
-    reader = acts.ActsReader(d, 8192, shuffle_buffer=262_144, with_meta=True)
+    reader = ActsReader(d, 8192, shuffle_buffer=262_144, with_meta=True)
     it = iter(reader)
     got = [len(np.unique(next(it)[1]["ctx"])) for _ in range(batches)]
     shutil.rmtree(d, ignore_errors=True)

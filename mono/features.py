@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mono import acts, pages, store
+from mono import pages, reader, store
 from mono.config import Config
 from mono.sae import SparseAutoencoder
 from mono.tokens import gpt2
@@ -345,7 +345,7 @@ def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: di
         pos = torch.from_numpy(table.column("pos").to_numpy().astype(np.int32))
         rng = np.random.default_rng([params["seed"], _KEYS, fi, rg])
         for s in range(0, take, params["batch_rows"]):
-            xb = acts.to_float32(np.array(x[s:s + params["batch_rows"]]), dtype)  # writable
+            xb = reader.to_float32(np.array(x[s:s + params["batch_rows"]]), dtype)  # writable
             with torch.no_grad():
                 f = sae.encode(xb.to(device)).cpu()                          # (N, F)
             if params["kind"] == "top":
@@ -519,7 +519,7 @@ def run(cfg: Config) -> dict:
     a, t0 = cfg.analysis, time.perf_counter()
     trial, sae_dir, how = resolve_trial(cfg)
     sae, _ = load_sae(sae_dir)
-    shards = acts.shard_list(cfg.out)
+    shards = reader.shard_list(cfg.out)
     check_inputs(cfg, sae, shards, sae_dir)
     lm = store.load_lm(cfg.out)
     if lm.cfg.d_mlp != sae.d_in:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from mono import store
-from mono.acts import shard_list, to_float32
+from mono.reader import shard_list, to_float32
 from mono.sae import Trainer
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class RowGroups(NamedTuple):
 
 def row_groups(source, threads: int = 16) -> RowGroups:
     """The row groups of `source` (a run dir, an acts dir or a list of shards; see
-    `mono.acts.shard_list`), from the shard footers read in parallel."""
+    `mono.reader.shard_list`), from the shard footers read in parallel."""
     shards = shard_list(source)
     files = shards["files"]
     with ThreadPoolExecutor(threads) as pool:

@@ -206,14 +206,19 @@ def token_files(out: str, split: str) -> list[str]:
     return files
 
 
-def tokens_manifest(out: str) -> dict:
-    path = Layout(out).tokens_manifest
+def read_manifest(path: str, what: str, stage: str, job: str, out: str) -> dict:
+    """A stage's manifest.json (written last: its absence means the stage did not finish);
+    a missing one raises FileNotFoundError naming the job that writes it."""
     if not exists(path):
-        raise FileNotFoundError(
-            f"no token manifest at {path}: tokenization did not finish; run "
-            f"`python -m ray_jobs.tokenize_corpus --out {out}`"
-        )
+        raise FileNotFoundError(f"no {what} manifest at {path}: {stage} did not finish; run "
+                                f"`python -m ray_jobs.{job} --out {out}`")
     return read_json(path)
+
+
+def tokens_manifest(out: str) -> dict:
+    """<out>/tokens/manifest.json (written last by tokenization)."""
+    return read_manifest(Layout(out).tokens_manifest, "token", "tokenization",
+                         "tokenize_corpus", out)
 
 
 def read_tokens(out: str, split: str):
@@ -415,14 +420,9 @@ def acts_shard_info(path: str) -> dict:
 
 
 def acts_manifest(out: str) -> dict:
-    """<out>/acts/manifest.json (written last by collection; its absence = unfinished)."""
-    path = Layout(out).acts_manifest
-    if not exists(path):
-        raise FileNotFoundError(
-            f"no activation manifest at {path}: collection did not finish; run "
-            f"`python -m ray_jobs.collect_acts --out {out}`"
-        )
-    return read_json(path)
+    """<out>/acts/manifest.json (written last by collection)."""
+    return read_manifest(Layout(out).acts_manifest, "activation", "collection",
+                         "collect_acts", out)
 
 
 def acts_files(out: str) -> list[str]:

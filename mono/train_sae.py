@@ -109,7 +109,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mono import store
-from mono.acts import IDENTITY_KEYS, ActsReader, LocalShardSource, lm_checksum
+from mono.acts import IDENTITY_KEYS, lm_checksum
+from mono.reader import ActsReader, LocalShardSource
 from mono.config import Config, SaeConfig
 from mono.lm import Lm
 from mono.resample import ResampleSource, resample

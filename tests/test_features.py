@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from test_pages import check_page_is_inert
 
-from mono import acts, features, pages, store
+from mono import acts, features, pages, reader, store
 from mono.config import PRESETS, with_overrides
 from mono.lm import Lm
 from mono.sae import SparseAutoencoder
@@ -238,7 +238,7 @@ def test_decode_window_exact_cases():
 
 
 def test_scan_state_does_not_grow_with_rows(run):
-    shards = acts.shard_list(run["out"])
+    shards = reader.shard_list(run["out"])
     pieces = features.plan_pieces(shards, 0)
     sae = run["sae"]
     state = {k: v.detach().numpy() for k, v in sae.state_dict().items()}
@@ -261,7 +261,7 @@ def test_scan_state_does_not_grow_with_rows(run):
 
 
 def test_plan_pieces_samples_every_shard_in_proportion(run):
-    shards = acts.shard_list(run["out"])
+    shards = reader.shard_list(run["out"])
     total = sum(shards["rows"])
     pieces = features.plan_pieces(shards, total // 4)
     per_file = np.bincount([p[0] for p in pieces], weights=[p[2] for p in pieces],
@@ -277,7 +277,7 @@ def test_max_rows_scans_a_sample(run, tmp_path):
     cfg = with_overrides(run["cfg"], analysis={"max_rows": 400, "n_tasks": 2, "trial": path})
     summary = features.run(cfg)
     assert summary["trial"] == "sampled" and summary["tasks"] == 2
-    assert 400 <= summary["rows"] <= 400 + len(acts.shard_list(run["out"])["files"])
+    assert 400 <= summary["rows"] <= 400 + len(reader.shard_list(run["out"])["files"])
     assert summary["rows_available"] == len(run["brute"]["f"])
 
 

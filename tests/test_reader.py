@@ -11,6 +11,7 @@ import torch
 from test_acts import make_run
 
 from mono import acts, store
+from mono.reader import ActsReader, LocalShardSource, read_dataset
 
 H = 4
 RG = 64  # row-group rows
@@ -37,7 +38,7 @@ def ids(batches) -> np.ndarray:
 
 def test_batches_shape_dtype_and_one_pass_covers_every_row_once(tmp_path):
     d, total = synthetic(tmp_path)
-    reader = acts.ActsReader(d, 100, seed=1, shuffle_buffer=4 * RG, drop_last=False)
+    reader = ActsReader(d, 100, seed=1, shuffle_buffer=4 * RG, drop_last=False)
     assert reader.mix == 4 and len(reader) == -(-total // 100)
     batches = list(reader)
     assert all(b.dtype == torch.float32 and b.shape[1] == H for b in batches)
@@ -46,22 +47,22 @@ def test_batches_shape_dtype_and_one_pass_covers_every_row_once(tmp_path):
     np.testing.assert_array_equal(np.sort(got), np.arange(total))  # every row exactly once
     assert not np.array_equal(got, np.arange(total))                # and shuffled
     assert reader.state()["rows"] == total
-    dropped = list(acts.ActsReader(d, 100, seed=1, shuffle_buffer=4 * RG))
+    dropped = list(ActsReader(d, 100, seed=1, shuffle_buffer=4 * RG))
     assert len(dropped) == total // 100
     np.testing.assert_array_equal(ids(dropped), got[:len(dropped) * 100])
 
 
 def test_batches_mix_several_shards(tmp_path):
     d, _ = synthetic(tmp_path)
-    first = next(iter(acts.ActsReader(d, 128, seed=0, shuffle_buffer=4 * RG)))
+    first = next(iter(ActsReader(d, 128, seed=0, shuffle_buffer=4 * RG)))
     assert len(np.unique(first[:, 1].numpy())) >= 3  # rows of >= 3 shards in one batch
 
 
 def test_deterministic_given_seed(tmp_path):
     d, _ = synthetic(tmp_path)
-    a = ids(acts.ActsReader(d, 64, seed=3, shuffle_buffer=2 * RG))
-    b = ids(acts.ActsReader(d, 64, seed=3, shuffle_buffer=2 * RG))
-    c = ids(acts.ActsReader(d, 64, seed=4, shuffle_buffer=2 * RG))
+    a = ids(ActsReader(d, 64, seed=3, shuffle_buffer=2 * RG))
+    b = ids(ActsReader(d, 64, seed=3, shuffle_buffer=2 * RG))
+    c = ids(ActsReader(d, 64, seed=4, shuffle_buffer=2 * RG))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -70,31 +71,31 @@ def test_deterministic_given_seed(tmp_path):
 def test_resume_from_state_continues_exactly(tmp_path, stop):
     d, _ = synthetic(tmp_path)
     kw = dict(seed=7, shuffle_buffer=3 * RG, epochs=2)
-    full = ids(acts.ActsReader(d, 57, **kw))  # two epochs; 29 stops in the second
-    reader = acts.ActsReader(d, 57, **kw)
+    full = ids(ActsReader(d, 57, **kw))  # two epochs; 29 stops in the second
+    reader = ActsReader(d, 57, **kw)
     it = iter(reader)
     head = [next(it) for _ in range(stop)]
     state = reader.state()
     del it
-    rest = list(acts.ActsReader(d, 57, state=state, **kw))
+    rest = list(ActsReader(d, 57, state=state, **kw))
     np.testing.assert_array_equal(ids(head + rest), full)
     with pytest.raises(ValueError, match="does not match"):
-        acts.ActsReader(d, 57, seed=8, state=state)
+        ActsReader(d, 57, seed=8, state=state)
 
 
 def test_row_budget_and_epochs(tmp_path):
     d, total = synthetic(tmp_path)
-    assert len(list(acts.ActsReader(d, 50, max_rows=420))) == 8
-    two = ids(acts.ActsReader(d, 50, epochs=2, drop_last=False))
+    assert len(list(ActsReader(d, 50, max_rows=420))) == 8
+    two = ids(ActsReader(d, 50, epochs=2, drop_last=False))
     np.testing.assert_array_equal(np.bincount(two), np.full(total, 2))
     assert not np.array_equal(two[:total], two[total:])  # each epoch has its own order
-    endless = iter(acts.ActsReader(d, 50, epochs=0))
+    endless = iter(ActsReader(d, 50, epochs=0))
     assert len([next(endless) for _ in range(3 * total // 50)]) == 3 * total // 50
 
 
 def test_with_meta_and_file_uri(tmp_path):
     d, total = synthetic(tmp_path, dtype="float16")
-    reader = acts.ActsReader("file://" + d, 128, with_meta=True, drop_last=False)
+    reader = ActsReader("file://" + d, 128, with_meta=True, drop_last=False)
     x, meta = next(iter(reader))
     got = x[:, 0].numpy().astype(np.int64)  # fp16 holds integers < 2048 exactly
     np.testing.assert_array_equal(meta["ctx"], got // 10)
@@ -117,7 +118,7 @@ def test_reader_decodes_real_shards(tmp_path):
             ctx, pos, _, x = store.table_acts(t, float32=True)
             expect |= {(c, p): row for c, p, row in zip(ctx, pos, x)}
         n = 0
-        for x, meta in acts.ActsReader(cfg.out, 256, with_meta=True, drop_last=False):
+        for x, meta in ActsReader(cfg.out, 256, with_meta=True, drop_last=False):
             for row, c, p in zip(x.numpy(), meta["ctx"], meta["pos"]):
                 np.testing.assert_array_equal(row, expect[(c, p)])
                 n += 1
@@ -126,7 +127,7 @@ def test_reader_decodes_real_shards(tmp_path):
 
 def test_local_shard_source(tmp_path):
     d, total = synthetic(tmp_path)
-    src = acts.LocalShardSource(d, seed=0)
+    src = LocalShardSource(d, seed=0)
     a = src.sample(500)
     assert a.shape == (500, H) and a.dtype == np.float32
     got = a[:, 0].astype(np.int64)
@@ -134,7 +135,7 @@ def test_local_shard_source(tmp_path):
     np.testing.assert_array_equal(a[:, 1], np.searchsorted(
         np.cumsum([300, 300, 257, 300, 64, 300, 123]), got, side="right"))  # the right rows
     assert not np.array_equal(src.sample(500), a)           # a fresh draw per call
-    np.testing.assert_array_equal(acts.LocalShardSource(d, seed=0).sample(500), a)
+    np.testing.assert_array_equal(LocalShardSource(d, seed=0).sample(500), a)
     np.testing.assert_array_equal(src.sample(50, seed=9), src.sample(50, seed=9))
     assert np.abs(np.mean(src.sample(total)[:, 0]) - (total - 1) / 2) < 1e-6  # all rows
     with pytest.raises(ValueError, match="sample size"):
@@ -143,7 +144,7 @@ def test_local_shard_source(tmp_path):
 
 def test_read_dataset(ray_local, tmp_path):
     d, total = synthetic(tmp_path, dtype="float16")
-    ds = acts.read_dataset(d)
+    ds = read_dataset(d)
     batch = ds.take_batch(total, batch_format="numpy")
     assert batch["acts"].shape == (total, H) and batch["acts"].dtype == np.float16
     np.testing.assert_array_equal(np.sort(batch["acts"][:, 0].astype(np.int64)),
