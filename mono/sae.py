@@ -9,18 +9,42 @@ Shapes: N tokens in a batch, H input width (d_mlp), F features (n_features).
 
 One training step, two implementations of the same maths:
 - `reference_step`: autograd + torch.optim.Adam, written as the paper states it;
-- `Trainer.step`: a hand-written backward into preallocated buffers (5 GEMMs, no autograd
-  graph, no per-step allocation of (N, F) tensors) and `FeatureAdam`, an Adam that keeps one
-  step counter per feature so resampling can restart a feature's bias correction.
-Tests hold the two equal; bench/sae.py times them side by side.
+- `Trainer.step`: a hand-written backward into preallocated buffers and `FeatureAdam`, an
+  Adam that keeps one step counter per feature so resampling can restart a feature's bias
+  correction. After the encoder GEMM the backward takes one of two paths, per batch by the
+  density of f (`Trainer(path="auto")`; "dense"/"sparse" force one):
+  - dense: 4 more GEMMs (decode, dW_dec, df, dW_enc), no autograd graph, no per-step
+    allocation of (N, F) tensors: 10·H·F FLOPs per sample whatever the sparsity;
+  - sparse (CPU only), while at most SPARSE_MAX_DENSITY of f is active: only f's nnz active
+    entries are touched after the encoder (2·H·F + ~8·H·nnz/N FLOPs per sample): decode
+    by embedding_bag over W_dec's rows, dloss/dpre at the active entries by sampled_addmm,
+    dW_dec = f^T e and dW_enc = xc^T g as one embedding_bag each over the rows of e and xc,
+    one bag per feature. No approximation: only the summation order differs.
+    Early in training (f ~50% active) and off the CPU the dense path runs.
+Tests hold the paths and reference_step equal; bench/sae.py times them side by side.
 
-Limits: float32 (float64 for tests); no bf16/autocast path yet. The step costs 10·H·F FLOPs
-per sample (2 forward GEMMs, 3 backward: dW_dec, df, dW_enc), whatever the sparsity of f:
-torch's CPU sparse kernels (CSR mm, sampled_addmm) measured slower than dense at 5% density
-and only ~2x faster at 1%, so the dense path is the only one. bench/sae.py at H 512,
-F 4096, batch 8192 (2026-11-27): 10.0 k samples/s on 2 CPU threads, 0.87 of the fp32
-matmul peak for 10·H·F (0.52 on DESIGN.md's 6·H·F convention), 1.7x the plain autograd
-step; 1.86 M samples/s on an H100 (0.76 of its fp32 peak, 1.2x autograd).
+Limits: float32 (float64 for tests); no bf16/autocast path yet; the sparse path is CPU-only
+(on CUDA "auto" and "sparse" run dense: the crossover there is unmeasured and the chunked
+nonzero() scan would sync the host each chunk). Measured 2026-11-27 on the shared 2-core
+AMD EPYC build box, 2 threads, N 8192, H 512, F 4096, best of rounds (other processes' load
+swung absolute times up to 2-4x; the rankings held in every run), ms at 0.25 / 1 / 2.5 / 5%
+of f active:
+    encoder GEMM (dense, any density)                  ~240
+    extract f's entries: flat nonzero + take           33 / 53 / 68 / 82  (to_sparse_csr 73 / 77)
+    decode: embedding_bag                               4 / 11 / 31 / 63
+            sparse.mm(CSR, W_dec)                      25 / 29 / 60 / 149
+    df at active entries: sampled_addmm                 5 / 17 / 47 / 92
+            gather + dot in row chunks                400 / 2600
+    dW: CSC embedding_bag                               7 / 17 / 44 / 145
+            sparse.mm(CSR^T, e)                        17 / 41 / 99 / 953
+            CSR.t() @ e 32 / 326;  index_add_ in chunks 254 / 963
+The whole step, sparse / dense time: 0.26 at 0.5% active, 0.36 at 2.5%, 0.55-0.87 at 5%,
+1.05-1.13 at 10% (loaded box): crossover ~8%, SPARSE_MAX_DENSITY = 5% keeps a margin.
+bench/sae.py (2026-11-27, 2 CPU threads, quiet, fp32 matmul peak measured alongside 114
+GFLOP/s): dense step 4.5 k samples/s (0.49 of peak on DESIGN.md's 6·H·F, 0.82 on its real
+10·H·F), 1.6x the autograd step; the sparse path at a trained-like L0 of 20 / 100 features
+per token 14.6 / 13.9 k samples/s = 1.60 / 1.53 of peak @6HF, 3.5 / 3.3x the dense path.
+On an H100 (dense path only): 1.86 M samples/s, 0.76 of its fp32 peak, 1.2x autograd.
 """
 
 from __future__ import annotations
@@ -285,9 +309,10 @@ PATHS = ("auto", "dense", "sparse")
 SPARSE_MAX_DENSITY = 0.05
 """`Trainer(path="auto")` takes the sparse backward when at most this fraction of f is
 active (measured crossover on CPU; module docstring)."""
-_SCAN_CHUNK = 1 << 22
-"""Elements of f scanned per nonzero() call (1024 rows at F 4096): bounds the scan a dense
-batch wastes before falling back."""
+_SCAN_PROBE, _SCAN_CHUNK = 1 << 18, 1 << 22
+"""Elements of f in the first nonzero() scan and in each later one (64 and 1024 rows at
+F 4096). Few large scans: under load each small OpenMP call costs milliseconds (2^16-element
+chunks made the 1% scan 20x slower); the probe bounds what a dense batch wastes."""
 
 
 class Trainer:
@@ -298,7 +323,8 @@ class Trainer:
     counts the examples each feature was active on since `reset_fired()` (densities over
     the training window), and `fired` = fire_counts > 0 is the dead-feature detector for
     resampling (train_sae resets it `dead_window` steps before each resample). Buffers for
-    one batch size are kept, so steady-state steps allocate only O(F + H) small tensors.
+    one batch size are kept, so steady-state dense steps allocate only O(F + H) small
+    tensors; sparse steps add O(nnz) index tensors and two (F, H) embedding_bag outputs.
     """
 
     def __init__(self, sae: SparseAutoencoder, lr: float,
@@ -315,7 +341,8 @@ class Trainer:
                                        device=sae.W_enc.device)                       # (F,)
         self.n_steps = 0
         self.path = path
-        """"auto" (sparse on CPU when f's density <= SPARSE_MAX_DENSITY), "dense" or "sparse"."""
+        """"auto" (sparse when f's density <= SPARSE_MAX_DENSITY), "dense" or "sparse" (both
+        sparse ones on the CPU only: dense elsewhere)."""
         self.last_path: str | None = None
         """The path the last `compute_grads` took: "dense" or "sparse"."""
         self._buf: dict[str, Tensor] = {}
@@ -371,22 +398,25 @@ class Trainer:
         """The sparse path's input: (flat indices into f (nnz,), f there (nnz,)) in row-major
         order, or None for the dense path.
 
-        "auto" goes sparse on the CPU only (the crossover is measured there) and only while
-        nnz <= SPARSE_MAX_DENSITY * N * F: f is scanned in chunks of rows and the scan stops
-        as soon as the count passes that budget, so a dense batch wastes at most a chunk's
-        scan.
+        CPU only: off the CPU "auto" and "sparse" both take the dense path (the sparse one
+        is unmeasured there, and each scan chunk would sync the host). "auto" goes sparse
+        while the running density stays <= SPARSE_MAX_DENSITY: f is scanned in chunks of
+        rows, a small probe first, and the scan stops at the first chunk where the density
+        so far exceeds it, so a dense batch (early training) wastes only the probe's scan.
         """
-        if self.path == "dense" or (self.path == "auto" and f.device.type != "cpu"):
+        if self.path == "dense" or f.device.type != "cpu":
             return None
         flat = f.view(-1)
-        budget = flat.numel() if self.path == "sparse" else SPARSE_MAX_DENSITY * flat.numel()
-        parts, nnz = [], 0
-        for start in range(0, flat.numel(), _SCAN_CHUNK):
-            idx = flat[start:start + _SCAN_CHUNK].nonzero().squeeze(1)
+        limit = math.inf if self.path == "sparse" else SPARSE_MAX_DENSITY
+        parts, nnz, start, size = [], 0, 0, _SCAN_PROBE
+        while start < flat.numel():
+            end = min(start + size, flat.numel())
+            idx = flat[start:end].nonzero().squeeze(1)
             nnz += idx.numel()
-            if nnz > budget:
+            if nnz > limit * end:
                 return None
             parts.append(idx.add_(start))
+            start, size = end, _SCAN_CHUNK
         idx = torch.cat(parts)
         return idx, flat[idx]
 
