@@ -444,8 +444,8 @@ PRESETS: dict[str, Config] = {
         # (no Ray Train start-up), every context collected, one pass (~60 SAE steps).
         tokens=TokensConfig(ctx_len=64, docs_per_block=256, max_docs=40),
         lm=LmConfig(d_model=32, n_head=2, d_mlp=128, block_size=64),
-        train_lm=TrainLmConfig(max_iters=30, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4,
-                               warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10,
+        train_lm=TrainLmConfig(max_iters=16, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4,
+                               warmup_iters=4, eval_interval=8, eval_iters=2, log_interval=8,
                                max_failures=0, num_workers=0),
         acts=ActsConfig(tokens_per_context=16, n_contexts=0, batch_contexts=16,
                         shard_contexts=64, row_group_rows=256),
@@ -462,14 +462,18 @@ PRESETS: dict[str, Config] = {
         # Embedded corpus (Python 3.11.7): 724 documents, 644 k tokens. 5% of the documents
         # give 150-380 val contexts of 128 over seeds 0-4 (2% gave 55-150 from 11-21 docs).
         tokens=TokensConfig(ctx_len=128, val_fraction=0.05, min_val_docs=16),
+        # Paper-shaped (DESIGN.md): 128/512. The tied 50304-wide unembedding is ~97% of the
+        # FLOPs: ~1.1-1.3 k tokens/s on 2 idle cores (AMD EPYC, AVX2, fp32), 4 x 128 tokens
+        # per step. fp32 learning curve at lr 3e-3, 4 contexts/step (the best of earlier
+        # 300-800 k-token sweeps), 1200-step schedule, val loss: 6.15 at 51 k tokens, 5.81
+        # at 154 k, 5.67 at 205 k, 5.46 at 307 k, 5.33 at 512 k, 5.29 at 614 k. 450 steps =
+        # 230 k tokens fit the ~4 min LM budget (~0.7 nat below the train-unigram
+        # cross-entropy, 6.34); 1 nat below it takes ~500 k tokens (~8 min here), 1 nat
+        # below the val split's own unigram entropy (5.85) ~2 M (~30 min). A 64-wide LM runs
+        # 1.7x the tokens/s with the same loss per token up to ~400 k tokens (5.46 at 461 k).
         lm=LmConfig(block_size=128),
-        # 1100 steps x 4 x 128 = 563 k tokens (~0.95 epoch). fp32 learning curve (2026-11-27,
-        # lr 3e-3, 4 contexts/step, the best of the earlier 300-800 k-token sweeps): val loss
-        # 6.15 at 51 k tokens, 5.67 at 205 k, 5.46 at 307 k, 5.33 at 512 k, 5.29 at 614 k,
-        # i.e. 1 nat below the train-unigram cross-entropy (6.34) from ~500 k tokens; the val
-        # split's own unigram entropy (5.85) is ~0.55 above (1 nat below it takes ~2 M).
-        train_lm=TrainLmConfig(max_iters=1100, batch_size=4, grad_accum=1, lr=3e-3,
-                               min_lr=3e-4, warmup_iters=30, eval_interval=550, eval_iters=40,
+        train_lm=TrainLmConfig(max_iters=450, batch_size=4, grad_accum=1, lr=3e-3,
+                               min_lr=3e-4, warmup_iters=30, eval_interval=225, eval_iters=40,
                                log_interval=50),
         # Half the positions of T=128 (paper: 250 of 1024): ~300 k rows from the embedded
         # corpus's ~4.7 k train contexts, collected in well under a minute on 2 cores.
@@ -485,7 +489,10 @@ PRESETS: dict[str, Config] = {
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
                       eval_contexts=128, checkpoint_interval=600),
-        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1e-2), lr=(3e-4,), pool_rows=65_536),
+        # Two trials: both run at once on 2 cores (a third would wait for a free CPU). On the
+        # 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 -> L0 11.1,
+        # 0.964; 1e-2 -> L0 6.5, 0.897.
+        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,), pool_rows=65_536),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the

@@ -172,7 +172,7 @@ def iter_documents(tc: TokensConfig) -> Iterator[str]:
     """
     spec = tc.corpus
     if spec == "":
-        docs: Iterator[str] = iter(embedded_documents())
+        docs: Iterator[str] = embedded_documents()
     elif spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:
@@ -311,8 +311,7 @@ def _rows_text(ds, text_column: str, label: str, batch_size: int = 1024) -> Iter
         yield from (t for t in batch[text_column] if t is not None)
 
 
-@functools.cache
-def embedded_documents() -> tuple[str, ...]:
+def embedded_documents() -> Iterator[str]:
     """The offline default corpus: English that ships with every Python, no download.
 
     Documents: each topic of pydoc's help (`pydoc_data.topics`, sorted by name), then one per
@@ -320,19 +319,19 @@ def embedded_documents() -> tuple[str, ...]:
     left out): its module, class and function docstrings in source order, blank-line
     separated. Docstrings are read from the source with `ast`, so the set does not depend
     on which modules import here; it does depend on the Python version (3.11.7: 79 + 682
-    documents, ~2.2 M characters; see the manifest's `source`).
+    documents, ~2.2 M characters; see the manifest's `source`). Lazy: parsing every module
+    takes ~5 s, and `max_docs` (the tiny preset's 40) stops it early.
     """
     from pydoc_data import topics  # here: 0.5 MB of text only the embedded corpus needs
 
-    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    yield from (topics.topics[k] for k in sorted(topics.topics))
     root = sysconfig.get_paths()["stdlib"]
     for dirpath, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP)
         for name in sorted(n for n in names if n.endswith(".py")):
             text = "\n\n".join(_docstrings(os.path.join(dirpath, name)))
             if text:
-                docs.append(text)
-    return tuple(docs)
+                yield text
 
 
 def _docstrings(path: str) -> list[str]:

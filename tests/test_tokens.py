@@ -235,7 +235,7 @@ def test_docstrings_are_read_from_source_without_importing(tmp_path):
 def test_embedded_corpus_is_deterministic_english():
     from pydoc_data import topics
 
-    docs = tokens.embedded_documents()
+    docs = tuple(tokens.embedded_documents())
     assert docs[:len(topics.topics)] == tuple(topics.topics[k] for k in sorted(topics.topics))
     assert len(docs) > 500 and sum(map(len, docs)) > 1_500_000
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in docs)  # json module
