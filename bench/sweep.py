@@ -19,16 +19,17 @@ demo-shaped run: synthetic tokens in the demo's shape (4,700 train contexts of T
 demo LM (128/512) trained a few steps (the SAE's speed does not depend on the LM's quality),
 its activation shards (64 positions per context: ~300 k rows, H 512).
 
-Measured 2026-11-27 on the shared 2-core build machine under load (load average 9-14 from
-other processes), defaults (4 trials x 100 steps x batch 1024, SAE 128 -> 2048):
-  concurrent_4  wall 52.2 s, aggregate 7,850 samples/s, 4,872 per trial (1 thread each)
-  sequential_4  wall 55.0 s, aggregate 7,449 samples/s, 16,004 per trial (2 threads)
-  ratio 1.05; start-up (entry -> first step) 0.4-0.6 s; ~30 s of each wall is neither
-  training nor start-up: trial processes starting, the pool, evals, checkpoints, Tune.
+Measured 2026-11-27 on the 2-core build machine, idle, defaults (4 trials x 100 steps x
+batch 1024, SAE 128 -> 2048; `.venv/bin/python bench/sweep.py`, 1 min 47 s):
+  concurrent_4  wall 32.6 s, aggregate 12,583 samples/s, 11,300 per trial (1 thread each)
+  sequential_4  wall 48.4 s, aggregate  8,464 samples/s, 34,154 per trial (2 threads)
+  ratio 1.49; start-up (entry -> first step) 1.0 s / 0.4 s; most of each wall is neither
+  training nor start-up (22 s / 36 s): trial processes starting, the pool, evals,
+  checkpoints, Tune. Earlier the same day at load 9-14: ratio 1.05 (52.2 s vs 55.0 s).
 At this size the fixed costs dominate; the ratio measures scheduling more than compute.
-The demo preset's own sweep (--demo: 2 trials x 293 steps x batch 1024, F 2048, H 512) took
-218 s wall at load ~20 (1,800 samples/s per trial, 1 thread each). The GPU rows were not
-measured: no GPU time was left for this task.
+The demo preset's sweep inside `python -m ray_jobs.pipeline` (2 trials x 1200 steps x batch
+1024, F 1024, H 512, both at once): 168 s on idle cores. The GPU rows (4 trials at
+gpus_per_trial 0.25 vs 1 trial) were not measured: no GPU machine was lent to this task.
 """
 
 import argparse
