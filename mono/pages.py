@@ -373,8 +373,11 @@ SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metric
     ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"), ("step", "steps", "{:,}"),
     ("l0", "L0", "{:.2f}"), ("mse", "MSE", "{:.4g}"),
     ("explained_variance", "explained var", "{:.3f}"),
-    ("loss_recovered", "loss recovered", "{:.3f}"), ("dead", "dead", "{:,}"),
-    ("ultralow", "ultralow", "{:,}"), ("dense", "dense", "{:,}"),
+    ("loss_recovered", "loss recovered", "{:.3f}"),
+    # dead in the paper's sense: no firing on the training rows since the previous eval;
+    # the eval counts resolve densities only down to 1 / eval tokens (train_sae docstring)
+    ("dead_train", "dead (training)", "{:,}"), ("dead", "dead (eval)", "{:,}"),
+    ("ultralow", "ultralow (eval)", "{:,}"), ("dense", "dense (eval)", "{:,}"),
 )
 
 _SWEEP_CSS = """
@@ -510,7 +513,10 @@ def write_sweep_report(experiment: str) -> str:
         f"trials, {counts['done']} done, {counts['error']} errored, {counts['unfinished']} "
         f"unfinished. Final eval metrics of each trial (the last report for those not done); "
         f"&#9733; = on the Pareto front of L0 (lower is better) vs loss recovered (higher is "
-        f"better). Loss recovered = (L_zero - L_sae) / (L_zero - L_orig).</p>"
+        f"better). Loss recovered = (L_zero - L_sae) / (L_zero - L_orig). Dead (training): "
+        f"features that fired on no training row since the previous eval (the paper's sense); "
+        f"the eval columns count densities on the eval tokens, which resolve only down to "
+        f"1 / eval tokens.</p>"
         f'<table><tr><th class="l">trial (link: its sae/ export)</th><th class="l">status</th>'
         f'{heads}<th>Pareto</th></tr>{_trial_rows(trials, front, experiment)}</table>'
         f"{figures}")

@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None, init=None) -> dict:
         summary = sweep.report(cfg) if known.report_only else sweep.run(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad input: checked before any trial
         raise SystemExit(f"sweep_sae: error: {err}") from err
-    print(f"{'trial':<44}{'status':<12}{'L0':>8}{'loss rec.':>11}{'EV':>8}{'dead':>7}")
+    print(f"{'trial':<44}{'status':<12}{'L0':>8}{'loss rec.':>11}{'EV':>8}"
+          f"{'dead (train/eval)':>19}")
     for t in summary["trials"]:
         m = t.get("metrics") or t["last_report"]
         print(f"{t['name']:<44}{t['status']:<12}{m.get('l0', float('nan')):>8.2f}"
               f"{m.get('loss_recovered', float('nan')):>11.3f}"
-              f"{m.get('explained_variance', float('nan')):>8.3f}{m.get('dead', -1):>7}")
+              f"{m.get('explained_variance', float('nan')):>8.3f}"
+              f"{m.get('dead_train', -1):>12}/{m.get('dead', -1):<6}")
     print(f"trials: {summary['trials_json']}\nsweep report: {summary['report']}")
     return summary
 
