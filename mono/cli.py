@@ -15,6 +15,7 @@ import functools
 import inspect
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 from mono import config as config_module
@@ -92,10 +93,12 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...]) -> argp
 
 
 def parse(argv: list[str] | None, prog: str, description: str,
-          sections: tuple[str, ...]) -> Config:
+          sections: tuple[str, ...], init: Callable[[], object] | None = None) -> Config:
     """Parse a job's command line into a validated Config (preset + overrides).
 
-    Invalid values exit with a usage error that names the field and the value.
+    Invalid values exit with a usage error that names the field and the value. `init`
+    (a job's `ray.init`, from its `__main__`) runs only once the arguments parsed, so
+    `--help` and bad flags never wait for Ray.
     """
     parser = build_parser(prog, description, sections)
     args = vars(parser.parse_args(argv))
@@ -118,7 +121,9 @@ def parse(argv: list[str] | None, prog: str, description: str,
         if cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path:
             cfg = replace(cfg, sweep=replace(cfg.sweep,
                                              storage_path=os.path.abspath(cfg.sweep.storage_path)))
-        return cfg
     except (ValueError, TypeError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+    if init is not None:
+        init()
+    return cfg

@@ -20,9 +20,7 @@ SECTIONS = ("analysis",)
 
 
 def main(argv: list[str] | None = None, init=None) -> dict:
-    cfg = cli.parse(argv, "python -m ray_jobs.analyze", __doc__, SECTIONS)
-    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
-        init()
+    cfg = cli.parse(argv, "python -m ray_jobs.analyze", __doc__, SECTIONS, init=init)
     summary = features.run(cfg)
     classes = ", ".join(f"{n} {c}" for c, n in summary["classes"].items())
     print(f"analysis: {summary['trial']} ({summary['chosen']}): {summary['n_features']} "

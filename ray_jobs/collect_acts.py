@@ -16,9 +16,7 @@ SECTIONS = ("acts",)
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.collect_acts", __doc__, SECTIONS)
-    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
-        init()
+    cfg = cli.parse(argv, "python -m ray_jobs.collect_acts", __doc__, SECTIONS, init=init)
     manifest = acts.run(cfg)
     print(f"activation shards: {manifest['rows']} rows ({manifest['n_contexts']} contexts x "
           f"{manifest['tokens_per_context']}, H={manifest['H']} {manifest['dtype']}), "

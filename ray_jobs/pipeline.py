@@ -85,9 +85,7 @@ def _size(n: int) -> str:
 
 def main(argv: list[str] | None = None, init=None) -> list[dict]:
     """Run the stages; returns one dict per stage: stage, ran, seconds, dir, files, bytes."""
-    cfg = cli.parse(argv, "python -m ray_jobs.pipeline", __doc__, SECTIONS)
-    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
-        init()
+    cfg = cli.parse(argv, "python -m ray_jobs.pipeline", __doc__, SECTIONS, init=init)
     store.write_json(store.Layout(cfg.out).cfg, cfg.to_dict())
     print(f"pipeline: {cfg.out} (config in {store.Layout(cfg.out).cfg})")
     results, missing, t_all = [], None, time.perf_counter()

@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None, init=None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--report-only", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    cfg = cli.parse(rest, "python -m ray_jobs.sweep_sae", __doc__, SECTIONS)
-    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
-        init()
+    cfg = cli.parse(rest, "python -m ray_jobs.sweep_sae", __doc__, SECTIONS, init=init)
     try:
         summary = sweep.report(cfg) if known.report_only else sweep.run(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad input: checked before any trial

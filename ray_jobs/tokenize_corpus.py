@@ -19,9 +19,7 @@ SECTIONS = ("tokens",)
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.tokenize_corpus", __doc__, SECTIONS)
-    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
-        init()
+    cfg = cli.parse(argv, "python -m ray_jobs.tokenize_corpus", __doc__, SECTIONS, init=init)
     manifest = tokens.run(cfg)
     rows, docs = manifest["rows"], manifest["docs"]
     print(f"tokens: {rows['train']} train / {rows['val']} val contexts of {manifest['ctx_len']} "

@@ -18,9 +18,7 @@ SECTIONS = ("lm", "train_lm")
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.train_lm", __doc__, SECTIONS)
-    if init is not None:  # after parsing, so --help and bad flags never wait for Ray
-        init()
+    cfg = cli.parse(argv, "python -m ray_jobs.train_lm", __doc__, SECTIONS, init=init)
     m = train_lm.run(cfg)
     print(f"LM: val loss {m['val_loss']:.4f} nats after {m['step']} steps ({m['tokens']:,} "
           f"tokens) vs unigram baselines on the same val targets: entropy "
