@@ -56,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _rss import descendants, hwm_kb  # bench/ is on sys.path when run as a script
 
 from mono import acts, store  # noqa: E402
-from mono.reader import ActsReader  # noqa: E402
 from mono.config import PRESETS, with_overrides  # noqa: E402
 from mono.lm import Lm  # noqa: E402
+from mono.reader import ActsReader  # noqa: E402
 
 T, P, BATCH = 1024, 200, 8
 

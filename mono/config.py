@@ -396,7 +396,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    f.name: f.default_factory for f in fields(Config) if f.default_factory is not dataclasses.MISSING
+    f.name: f.default_factory for f in fields(Config)
+    if f.default_factory is not dataclasses.MISSING
 }
 """Section name -> its dataclass, in pipeline order."""
 

@@ -110,9 +110,9 @@ from tqdm import tqdm
 
 from mono import store
 from mono.acts import IDENTITY_KEYS, lm_checksum
-from mono.reader import ActsReader, LocalShardSource
 from mono.config import Config, SaeConfig
 from mono.lm import Lm
+from mono.reader import ActsReader, LocalShardSource
 from mono.resample import ResampleSource, resample
 from mono.sae import SparseAutoencoder, Trainer
 
