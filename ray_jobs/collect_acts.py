@@ -8,6 +8,8 @@
 Rerunning into the same --out resumes: finished shards are kept, the rest are written.
 """
 
+import logging
+
 import ray
 
 from mono import acts, cli
@@ -26,4 +28,5 @@ def main(argv: list[str] | None = None, init=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     main(init=ray.init)
