@@ -451,7 +451,7 @@ def _rows_text(ds, text_column: str, label: str, batch_size: int = 1024) -> Iter
     """The text column of a `datasets` (Iterable)Dataset, in row order, nulls skipped."""
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_column not in columns:
-        raise ValueError(f"corpus {label!r} has no column {text_column!r} (columns: {columns})")
+        raise UserError(f"corpus {label!r} has no column {text_column!r} (columns: {columns})")
     for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
         yield from (t for t in batch[text_column] if t is not None)
 

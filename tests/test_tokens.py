@@ -501,3 +501,113 @@ def test_gzip_and_zstd_give_the_shards_of_the_plain_files(ray_local, tmp_path, c
         manifest = tokens.run(_cfg(tmp_path / f"out{i}", src))
         assert _shards(tmp_path / f"out{i}") == expected, src
         assert manifest["corpus_sha256"] == plain["corpus_sha256"], src
+
+
+def test_corrupt_gzip_names_the_file_and_writes_nothing(ray_local, tmp_path, corpus,
+                                                        monkeypatch):
+    import gzip
+
+    path, docs = corpus
+    garbage = tmp_path / "garbage.txt.gz"
+    garbage.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)  # a gzip magic, then junk
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"corpus file .*garbage\.txt\.gz is not a valid gzip "
+                                        r"file: zlib inflate failed"):
+        tokens.run(_cfg(out, garbage))
+    assert not out.exists()
+
+    # Truncated (an interrupted download): the first 64 KiB check passes, the stream fails
+    # after train shards were staged; staging and the new directories are removed.
+    packed = gzip.compress("\n\n".join(_doc(i, 60) for i in range(600)).encode())  # ~250 kB
+    truncated = tmp_path / "truncated.txt.gz"
+    truncated.write_bytes(packed[:len(packed) * 2 // 3])
+    tokens.iter_documents(TokensConfig(corpus=str(truncated)))  # the eager check passes
+    written, write = [], store.write_table_atomic
+    monkeypatch.setattr(store, "write_table_atomic",
+                        lambda p, t: written.append(p) or write(p, t))
+    cfg = _cfg(out, truncated, val_fraction=0.5, rows_per_shard=1)  # a lookahead of 4 docs
+    with pytest.raises(UserError, match=r"truncated\.txt\.gz is not a valid gzip file: "
+                                        r"Truncated compressed stream"):
+        tokens.run(cfg)
+    assert written and not out.exists()
+
+    good = tmp_path / "good"
+    tokens.run(_cfg(good, path))
+    before = _files(good)
+    with pytest.raises(UserError, match="truncated"):
+        tokens.run(_cfg(good, truncated, val_fraction=0.5, rows_per_shard=1))
+    assert _files(good) == before  # a failed rerun leaves the previous output as it was
+
+
+def _jsonl(path: Path, docs: list[str]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": d if i != 3 else None}) + "\n")
+    return path
+
+
+def test_save_to_disk_dir_gives_the_shards_of_its_jsonl(ray_local, tmp_path, corpus):
+    import datasets
+
+    _, docs = corpus
+    jsonl = _jsonl(tmp_path / "corpus.jsonl", docs)
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds.select(range(5)), "test": ds}).save_to_disk(
+        str(tmp_path / "dict"))
+    for name in ("saved", "dict", "cache"):  # nothing stays mapped into the test process
+        assert (tmp_path / name).is_dir()
+    assert _docs(str(tmp_path / "saved")) == _docs(str(jsonl)) == docs[:3] + docs[4:]
+
+    a = tokens.run(_cfg(tmp_path / "from_jsonl", jsonl))
+    b = tokens.run(_cfg(tmp_path / "from_saved", tmp_path / "saved"))
+    c = tokens.run(_cfg(tmp_path / "from_dict", tmp_path / "dict", hf_split="test"))
+    assert _shards(tmp_path / "from_saved") == _shards(tmp_path / "from_jsonl")
+    assert _shards(tmp_path / "from_dict") == _shards(tmp_path / "from_jsonl")
+    assert a["corpus_sha256"] == b["corpus_sha256"] == c["corpus_sha256"]
+    assert _docs(str(tmp_path / "dict")) == docs[:3] + docs[4:5]  # hf_split: train
+    with pytest.raises(UserError, match=r"has no split 'validation' \(splits: \['test', "
+                                        r"'train'\]\)"):
+        _docs(str(tmp_path / "dict"), hf_split="validation")
+    with pytest.raises(UserError, match="no column 'body'"):
+        next(tokens.iter_documents(TokensConfig(corpus=str(tmp_path / "saved"),
+                                                text_column="body")))
+
+
+def test_local_hf_dataset_repo_reads_its_split_offline(tmp_path, monkeypatch):
+    repo = tmp_path / "openwebtext"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nlicense: cc0-1.0\n---\n# Web pages\n\nNot a document.\n")
+    pq.write_table(pa.table({"text": ["page 0", "page 1"]}),
+                   repo / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["page 2"]}), repo / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["held out"]}), repo / "data" / "test-00000-of-00001.parquet")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("reading a local dataset touched the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert _docs(str(repo)) == ["page 0", "page 1", "page 2"]
+    assert _docs(str(repo), hf_split="test") == ["held out"]
+    assert _docs(f"hf:{repo}") == ["page 0", "page 1", "page 2"]
+    (repo / "README.md").write_text("# Just notes\n")  # no dataset card: read file by file
+    assert _docs(str(repo)) == ["# Just notes", "held out", "page 0", "page 1", "page 2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_pipeline_runs_on_one_paragraph(ray_local, tmp_path, capsys):
+    from ray_jobs import pipeline
+
+    path = tmp_path / "notes.txt"
+    path.write_text(_lines(700, seed=1) + "\n", encoding="utf-8")  # ~21 k tokens, no blank line
+    out = tmp_path / "run"
+    results = pipeline.main(["--preset", "tiny", "--out", str(out), "--corpus", str(path)])
+    assert all(r["ran"] for r in results), results
+    manifest = store.tokens_manifest(str(out))
+    assert manifest["split"] == "token" and manifest["rows"]["val"] == 1
+    assert (out / "lm" / "model.safetensors").stat().st_size > 0
+    assert list((out / "analysis").rglob("html/index.html"))
+    assert "=== summary:" in capsys.readouterr().out
