@@ -556,8 +556,6 @@ def test_save_to_disk_dir_gives_the_shards_of_its_jsonl(ray_local, tmp_path, cor
     ds.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": ds.select(range(5)), "test": ds}).save_to_disk(
         str(tmp_path / "dict"))
-    for name in ("saved", "dict", "cache"):  # nothing stays mapped into the test process
-        assert (tmp_path / name).is_dir()
     assert _docs(str(tmp_path / "saved")) == _docs(str(jsonl)) == docs[:3] + docs[4:]
 
     a = tokens.run(_cfg(tmp_path / "from_jsonl", jsonl))
