@@ -53,13 +53,16 @@ class TokensConfig:
 
     corpus: str = ""
     """Text source: '' for the embedded offline default, a file, a glob, a directory, a
-    .parquet/.jsonl file with a text column, or hf:NAME[:CONFIG] for a Hugging Face dataset."""
+    .parquet/.jsonl file with a text column (text and JSONL also .gz/.zst), a directory saved by
+    `datasets` save_to_disk or a local Hugging Face dataset repo, or hf:NAME[:CONFIG] for a
+    Hugging Face dataset."""
     text_column: str = "text"
     """Column holding the text in Parquet/JSONL/HF sources."""
     ctx_len: int = 1024
     """T: tokens per context window (the LM's context)."""
     val_fraction: float = 0.0005
-    """Fraction of documents held out for validation (seed: 0.0005 of OpenWebText)."""
+    """Fraction of documents held out for validation (seed: 0.0005 of OpenWebText); of the
+    token stream's contexts when the corpus is too few documents for that (token-level split)."""
     min_val_docs: int = 2
     """At least this many documents go to validation, so tiny corpora still get a val split."""
     max_docs: int = 0

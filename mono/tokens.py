@@ -9,7 +9,14 @@ Reads a corpus named by one string, `cfg.tokens.corpus` (see `iter_documents`):
     notes/             a directory: every .txt/.text/.md/.rst/.parquet/.jsonl file below it,
                        sorted by path, hidden ones left out
     x.parquet, x.jsonl a table with a text column (`text_column`), one row = one document
-    hf:NAME[:CONFIG]   a Hugging Face dataset, streamed (`datasets`, streaming=True)
+    x.txt.gz, x.jsonl.zst  text and JSONL files compressed with gzip or zstd (also in globs
+                       and directories), decompressed as they stream (pyarrow's
+                       CompressedInputStream: no extra package)
+    saved/             a directory written by `datasets` `save_to_disk` (a DatasetDict's
+                       `hf_split`), or a local Hugging Face dataset repo (README.md dataset
+                       card with YAML metadata; its `hf_split`): read offline (`dataset_dir`)
+    hf:NAME[:CONFIG]   a Hugging Face dataset, streamed (`datasets`, streaming=True); NAME
+                       may be a local repo directory, to choose a CONFIG
 
 Writes <out>/tokens/{train,val}/part-*.parquet (one row per context window of T tokens,
 schema in `store`) and <out>/tokens/manifest.json, last.
@@ -30,6 +37,16 @@ corpus of n <= W documents gets exactly max(min_val_docs, #{u_i < val_fraction})
 documents, about max(min_val_docs, round(val_fraction * n)), and a big one about
 val_fraction * n.
 
+Token-level fallback: when that split gives val fewer than `min_val_docs` documents (a corpus
+of at most min_val_docs documents, such as one file without blank lines) or leaves a split
+without a context, the corpus is read and tokenized a second time as one stream in corpus
+order, cut into the n = n_tokens // T aligned contexts, and the last max(1,
+round(val_fraction * n)) of them (at most n - 1) go to val, the rest to train, cut at a
+context boundary (nanoGPT's split of one Shakespeare file, at whole contexts). Deterministic
+(no seed needed); the manifest's `split` says which rule was used ("document" or "token",
+with `split_reason`) and a log line says so too. Only a corpus of fewer than 2T tokens is an
+error, naming the tokens found and needed.
+
 Ray: the driver streams documents in blocks of `docs_per_block`; Ray Data tokenizes a window
 of blocks (4 per cluster CPU, at least 8, at most 256 blocks or 256 MiB) in parallel tasks,
 in order; the driver appends each block's ids to its split and writes a shard every
@@ -39,15 +56,19 @@ block costs a Ray task (~35 ms of overhead on 2 cores) and each window a Dataset
 blocks of a few MB (the default 2048 OpenWebText documents) beat many small ones. Paper
 preset: ~9 B OpenWebText tokens -> ~8.8 M train contexts of 1024 in ~540 shards of 32 MiB.
 
-Failure: a bad source (missing path, empty glob or directory, unreadable or non-UTF-8 file, a
-table without the text column, no documents) raises before anything is created under <out>.
-Shards are staged in <out>/tokens/_staging and published (moved into place, stale manifest
-first, manifest last) only when the whole corpus went through and each split has at least one
-context; on any failure the staging and any directories this run created are removed, so a
-failed run leaves the previous output intact and nothing behind. Limits: the driver reads the
-corpus alone (one process; Ray parallelises the BPE, the expensive part); local paths and hf:
-only (no s3:// corpora); a text paragraph or table row must fit in memory; the embedded corpus
-depends on the Python version (the manifest records it and a sha256 of the text).
+Failure: a bad source (missing path, empty glob or directory, unreadable, corrupt or non-UTF-8
+file, a table without the text column, no documents) raises `UserError`/`MissingInput` naming
+it, before anything is created under <out>; a compressed file found corrupt past its first
+64 KiB raises the same when the stream reaches the damage. Shards are staged in
+<out>/tokens/_staging and published (moved into place, stale manifest first, manifest last)
+only when the whole corpus went through and each split has at least one context; on any
+failure the staging and any directories this run created are removed, so a failed run leaves
+the previous output intact and nothing behind. Limits: the driver reads the corpus alone (one
+process; Ray parallelises the BPE, the expensive part); local paths and hf: only (no s3://
+corpora); a text paragraph or table row must fit in memory; the token-level fallback reads
+the corpus twice (an hf: corpus is streamed twice); compressed Parquet is refused (Parquet
+compresses its pages); the embedded corpus depends on the Python version (the manifest
+records it and a sha256 of the text).
 """
 
 from __future__ import annotations
@@ -58,6 +79,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -79,6 +101,7 @@ import tiktoken.load
 
 from mono import store
 from mono.config import Config, TokensConfig
+from mono.errors import MissingInput, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +119,14 @@ GPT2_PATTERN = (
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 TABLE_SUFFIXES = {".parquet": "parquet", ".jsonl": "json"}  # suffix -> `datasets` builder
+# Streamed through pyarrow's CompressedInputStream (zlib and zstd ship in every pyarrow wheel;
+# `datasets` would need the `zstandard` package for .zst). Parquet compresses internally.
+COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
 SCRIPT_ERROR = "Dataset scripts are no longer supported"  # datasets >= 4 (ENVIRONMENT.md)
 _LOOKAHEAD_CAP = 20_000  # documents held back for the min_val_docs guarantee (module doc)
 _WINDOW_BYTES = 256 << 20  # text handed to one Ray Data window at most (`_windows`)
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_READ_BUFFER = 1 << 20  # bytes read from a compressed file at a time
 
 
 # --- tokenizer -------------------------------------------------------------------------
@@ -165,10 +192,11 @@ def encode_documents(texts: Iterable[str], enc: tiktoken.Encoding | None = None)
 def iter_documents(tc: TokensConfig) -> Iterator[str]:
     """The corpus's documents, in a deterministic order, streamed (a corpus may exceed RAM).
 
-    Checks the source eagerly (missing path, empty glob or directory, unreadable or non-UTF-8
-    file, table without `text_column`, unknown hf: dataset) and raises FileNotFoundError or
-    ValueError naming it; the returned iterator then reads lazily. Blank documents are
-    skipped; at most `max_docs` documents are yielded when it is > 0.
+    Checks the source eagerly (missing path, empty glob or directory, unreadable, corrupt or
+    non-UTF-8 file, table without `text_column`, unknown hf: dataset) and raises MissingInput
+    or UserError naming it; the returned iterator then reads lazily. Blank documents are
+    skipped; at most `max_docs` documents are yielded when it is > 0. Each call reads the
+    corpus afresh from its start.
     """
     spec = tc.corpus
     if spec == "":
@@ -176,8 +204,10 @@ def iter_documents(tc: TokensConfig) -> Iterator[str]:
     elif spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:
-            raise ValueError(f"corpus {spec!r}: expected hf:NAME[:CONFIG]")
+            raise UserError(f"corpus {spec!r}: expected hf:NAME[:CONFIG]")
         ds = load_hf(name, config or None, split=tc.hf_split)
+        docs = _rows_text(ds, tc.text_column, spec)
+    elif (ds := dataset_dir(spec, tc.hf_split)) is not None:
         docs = _rows_text(ds, tc.text_column, spec)
     else:
         files = corpus_files(spec)
@@ -188,20 +218,87 @@ def iter_documents(tc: TokensConfig) -> Iterator[str]:
     return itertools.islice(docs, tc.max_docs) if tc.max_docs else docs
 
 
+def dataset_dir(spec: str, split: str):
+    """A `datasets` dataset when `spec` is a directory holding one, else None.
+
+    Two kinds, both read offline: what `Dataset.save_to_disk` writes (state.json +
+    dataset_info.json + *.arrow; a `DatasetDict` adds dataset_dict.json and one directory per
+    split, of which `split` is read), memory-mapped by `datasets.load_from_disk`; and a local
+    copy of a Hugging Face dataset repo (a README.md dataset card opening with YAML front
+    matter, e.g. from `huggingface-cli download --repo-type dataset`), streamed by
+    `datasets.load_dataset(path, split=split)`, which finds its data files and splits as the
+    Hub would. Any other directory is read file by file (`corpus_files`).
+    """
+    path = os.path.expanduser(spec)
+    if not os.path.isdir(path):
+        return None
+    saved = [n for n in ("state.json", "dataset_dict.json")
+             if os.path.isfile(os.path.join(path, n))]
+    if saved:
+        import datasets  # here: 1-2 s of imports only dataset corpora need
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError, KeyError, pa.ArrowException) as err:
+            raise UserError(f"corpus {spec!r} has a {saved[0]} but `datasets.load_from_disk` "
+                            f"cannot read it: {err}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(f"corpus {spec!r} (a DatasetDict saved to disk) has no split "
+                                f"{split!r} (splits: {sorted(ds)}); pick one with --hf_split")
+            ds = ds[split]
+        return ds
+    readme = os.path.join(path, "README.md")
+    if os.path.isfile(readme):
+        with open(readme, "rb") as f:
+            if f.readline().rstrip() == b"---":  # a dataset card's YAML metadata block
+                try:
+                    return load_hf(path, None, split=split)
+                except (FileNotFoundError, ValueError) as err:
+                    raise UserError(f"corpus {spec!r} (a local Hugging Face dataset repo: "
+                                    f"README.md has a YAML header) cannot be loaded: {err}; "
+                                    f"hf:{spec}:CONFIG picks a config") from None
+    return None
+
+
+def _strip_compression(name: str) -> tuple[str, str | None]:
+    """(the lower-cased name without .gz/.zst, its pyarrow codec 'gzip'/'zstd' or None)."""
+    name = name.lower()
+    for suffix, codec in COMPRESSION.items():
+        if name.endswith(suffix):
+            return name[:-len(suffix)], codec
+    return name, None
+
+
+def _split_name(path: str) -> tuple[str, str | None]:
+    """(kind, codec) of a corpus file by its name: kind 'parquet', 'json' or 'text' (any
+    other suffix is read as text); codec as `_strip_compression`."""
+    base, codec = _strip_compression(path)
+    return TABLE_SUFFIXES.get(os.path.splitext(base)[1], "text"), codec
+
+
+def _readable_name(name: str) -> bool:
+    """Whether a directory walk reads the file: a text or .jsonl suffix, optionally
+    compressed, or .parquet."""
+    base, codec = _strip_compression(name)
+    return base.endswith(TEXT_SUFFIXES + (".jsonl",)) or (base.endswith(".parquet")
+                                                          and codec is None)
+
+
 def corpus_files(spec: str) -> list[str]:
-    """The files a path, glob or directory names, sorted; FileNotFoundError when none."""
+    """The files a path, glob or directory names, sorted; MissingInput when none."""
     path = os.path.expanduser(spec)
     if any(c in path for c in "*?["):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not files:
-            raise FileNotFoundError(f"corpus glob {spec!r} matches no files")
+            raise MissingInput(f"corpus glob {spec!r} matches no files")
         return files
     if os.path.isdir(path):
         files, skipped = [], 0
         for root, dirs, names in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden files/dirs: never
             for n in (n for n in names if not n.startswith(".")):
-                if n.lower().endswith(TEXT_SUFFIXES + tuple(TABLE_SUFFIXES)):
+                if _readable_name(n):
                     files.append(os.path.join(root, n))
                 else:
                     skipped += 1
@@ -210,69 +307,91 @@ def corpus_files(spec: str) -> list[str]:
                         skipped)
         files.sort()
         if not files:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"corpus directory {spec!r} holds no {'/'.join(TEXT_SUFFIXES)}/.parquet/.jsonl "
-                f"files"
+                f"files (nor their .gz/.zst), and no dataset saved by `datasets`"
             )
         return files
     if os.path.isfile(path):
         return [path]
-    raise FileNotFoundError(
+    raise MissingInput(
         f"corpus {spec!r} not found: expected '' (embedded), a file, a glob, a directory or "
         f"hf:NAME[:CONFIG]"
     )
 
 
-def _table_kind(path: str) -> str | None:
-    return TABLE_SUFFIXES.get(Path(path).suffix.lower())
+def _open_bytes(path: str, codec: str | None):
+    """A binary stream of the file's (decompressed) bytes."""
+    if codec is None:
+        return open(path, "rb")
+    return pa.input_stream(path, compression=codec, buffer_size=_READ_BUFFER)
+
+
+def _open_text(path: str, codec: str | None):
+    if codec is None:
+        return open(path, encoding="utf-8", errors="strict", newline="")
+    return io.TextIOWrapper(_open_bytes(path, codec), encoding="utf-8", errors="strict",
+                            newline="")
+
+
+def _corrupt(path: str, codec: str | None, err: OSError) -> UserError:
+    if codec is None:
+        return UserError(f"corpus file {path} cannot be read: {err}")
+    return UserError(f"corpus file {path} is not a valid {codec} file: {err}")
 
 
 def _check_file(path: str, text_column: str) -> None:
-    """Fail before any work when a file cannot be read, is not text, or lacks the column."""
+    """Fail before any work when a file cannot be read, is not text, or lacks the column
+    (a compressed file is checked on its first 64 KiB decompressed)."""
+    kind, codec = _split_name(path)
+    if kind == "parquet" and codec:
+        raise UserError(f"corpus file {path}: compressed Parquet is not read (Parquet "
+                        f"compresses its pages itself); decompress it")
     try:
-        with open(path, "rb") as f:
+        with _open_bytes(path, codec) as f:
             head = f.read(1 << 16)
     except OSError as err:
-        raise ValueError(f"corpus file {path} cannot be read: {err}") from None
-    kind = _table_kind(path)
+        raise _corrupt(path, codec, err) from None
     if kind == "parquet":
         try:
             names = pq.read_schema(path).names
         except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"corpus file {path} is not a Parquet file: {err}") from None
+            raise UserError(f"corpus file {path} is not a Parquet file: {err}") from None
         if text_column not in names:
-            raise ValueError(f"{path} has no column {text_column!r} (columns: {names})")
+            raise UserError(f"{path} has no column {text_column!r} (columns: {names})")
         return
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     try:  # a multi-byte character may straddle the cut: the incremental decoder allows that
         text = decoder.decode(head, final=len(head) < 1 << 16)
     except UnicodeDecodeError as err:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {err}") from None
+        raise UserError(f"corpus file {path} is not UTF-8 text: {err}") from None
     if kind == "json":
         first = text.lstrip().split("\n", 1)[0]
         try:
             row = json.loads(first) if first else {}
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: first line is not JSON: {err}") from None
+            raise UserError(f"{path}: first line is not JSON: {err}") from None
         if first and not (isinstance(row, dict) and text_column in row):
-            raise ValueError(f"{path}: first row has no key {text_column!r}: {first[:200]!r}")
+            raise UserError(f"{path}: first row has no key {text_column!r}: {first[:200]!r}")
 
 
 def _file_documents(path: str, text_column: str) -> Iterator[str]:
-    kind = _table_kind(path)
-    if kind is not None:
+    kind, codec = _split_name(path)
+    if kind == "text":
+        yield from _paragraphs(path, codec)
+    elif codec is None:
         # The same `datasets` streaming path as hf: corpora, on local files.
         ds = load_hf(kind, None, split="train", data_files=[path])
         yield from _rows_text(ds, text_column, path)
     else:
-        yield from _paragraphs(path)
+        yield from _json_lines(path, codec, text_column)
 
 
-def _paragraphs(path: str) -> Iterator[str]:
+def _paragraphs(path: str, codec: str | None = None) -> Iterator[str]:
     """Runs of non-blank lines of a UTF-8 text file, read line by line (file may exceed RAM)."""
     lines: list[str] = []
     try:
-        with open(path, encoding="utf-8", errors="strict", newline="") as f:
+        with _open_text(path, codec) as f:
             for line in f:
                 if line.strip():
                     lines.append(line)
@@ -280,9 +399,35 @@ def _paragraphs(path: str) -> Iterator[str]:
                     yield "".join(lines).rstrip("\r\n")
                     lines = []
     except UnicodeDecodeError as err:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {err}") from None
+        raise UserError(f"corpus file {path} is not UTF-8 text: {err}") from None
+    except OSError as err:  # a corrupt or truncated compressed stream, past the checked head
+        raise _corrupt(path, codec, err) from None
     if lines:
         yield "".join(lines).rstrip("\r\n")
+
+
+def _json_lines(path: str, codec: str, text_column: str) -> Iterator[str]:
+    """The `text_column` of each row of a compressed JSONL file, nulls and missing keys
+    skipped, as `datasets` reads the uncompressed file (which needs `zstandard` for .zst)."""
+    try:
+        with _open_text(path, codec) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: line {lineno} is not JSON: {err}") from None
+                text = row.get(text_column) if isinstance(row, dict) else None
+                if text is not None and not isinstance(text, str):
+                    raise UserError(f"{path}: line {lineno}: {text_column!r} is not a string: "
+                                    f"{str(text)[:200]!r}")
+                if text is not None:
+                    yield text
+    except UnicodeDecodeError as err:
+        raise UserError(f"corpus file {path} is not UTF-8 text: {err}") from None
+    except OSError as err:
+        raise _corrupt(path, codec, err) from None
 
 
 def load_hf(path: str, name: str | None, split: str, **kwargs):
@@ -306,7 +451,7 @@ def _rows_text(ds, text_column: str, label: str, batch_size: int = 1024) -> Iter
     """The text column of a `datasets` (Iterable)Dataset, in row order, nulls skipped."""
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_column not in columns:
-        raise ValueError(f"corpus {label!r} has no column {text_column!r} (columns: {columns})")
+        raise UserError(f"corpus {label!r} has no column {text_column!r} (columns: {columns})")
     for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
         yield from (t for t in batch[text_column] if t is not None)
 
@@ -497,22 +642,53 @@ class _SplitWriter:
         self.rows += len(tokens)
 
 
+class _TokenSplit:
+    """The token-level split's router: the corpus's token stream, in order, block by block ->
+    its first `n_train` tokens to the train writer, the rest to val (whose writer drops the
+    tail shorter than T). A document counts in each split that holds some of its tokens: the
+    one the cut goes through, in both."""
+
+    def __init__(self, writers: dict, n_train: int):
+        self.writers, self.left = writers, n_train
+
+    def add(self, tokens: np.ndarray) -> None:
+        """tokens: (n,) ids of whole documents (a block ends with an EOT)."""
+        cut = min(self.left, len(tokens))
+        self.left -= cut
+        straddles = int(0 < cut < len(tokens) and tokens[cut - 1] != EOT)
+        for split, part, extra in (("train", tokens[:cut], straddles),
+                                   ("val", tokens[cut:], False)):
+            if len(part):
+                self.writers[split].add(part, int(np.count_nonzero(part == EOT)) + extra)
+
+
+def _writers(staging: str, tc: TokensConfig) -> dict:
+    return {s: _SplitWriter(store.join(staging, s), tc.ctx_len, tc.rows_per_shard)
+            for s in ("train", "val")}
+
+
 def run(cfg: Config) -> dict:
     """Tokenize `cfg.tokens.corpus` into <cfg.out>/tokens; returns the manifest (module doc)."""
     tc, out = cfg.tokens, cfg.out
     docs = iter_documents(tc)  # raises on a bad source before anything is written
     first = next(docs, None)
     if first is None:
-        raise ValueError(f"corpus {describe_corpus(tc.corpus)!r} has no documents")
+        raise UserError(f"corpus {describe_corpus(tc.corpus)!r} has no documents")
     staging = store.tokens_staging(out)
     store.delete(staging)  # left by a killed run
-    writers = {s: _SplitWriter(store.join(staging, s), tc.ctx_len, tc.rows_per_shard)
-               for s in ("train", "val")}
     created = [p for p in (out, store.join(out, "tokens")) if not store.exists(p)]
     digest = hashlib.sha256()
     try:
-        _consume(itertools.chain([first], docs), cfg, writers, digest)
-        _check_splits(writers, tc)
+        writers = _writers(staging, tc)
+        _consume(split_documents(itertools.chain([first], docs), tc, cfg.seed), cfg,
+                 lambda is_val, toks, k: writers["val" if is_val else "train"].add(toks, k),
+                 digest)
+        reason = _document_split_short(writers, tc)
+        if reason is None:
+            logger.info("split: document-level, %d train / %d val documents",
+                        writers["train"].docs, writers["val"].docs)
+        else:
+            writers = _split_tokens(cfg, writers, reason)
         for w in writers.values():
             w.finish()
         store.publish_tokens(out, staging, {s: w.files for s, w in writers.items()})
@@ -521,23 +697,24 @@ def run(cfg: Config) -> dict:
         for p in reversed(created):  # directories this run created, if left empty
             store.remove_empty_dir(p)
         raise
-    manifest = _manifest(cfg, writers, digest.hexdigest())
+    manifest = _manifest(cfg, writers, digest.hexdigest(), reason)
     store.write_json(store.Layout(out).tokens_manifest, manifest)  # last: marks the stage done
     logger.info("tokens: %s train / %s val contexts of %d tokens in %s", manifest["rows"]["train"],
                 manifest["rows"]["val"], tc.ctx_len, manifest["dir"])
     return manifest
 
 
-def _consume(docs: Iterator[str], cfg: Config, writers: dict, digest) -> None:
+def _consume(labelled: Iterator[tuple[bool, str]], cfg: Config, sink, digest) -> None:
+    """Tokenize (is_val, text) documents on Ray Data; sink(is_val, ids, n_docs) per block and
+    split, in corpus order."""
     tc = cfg.tokens
     start = last_log = time.perf_counter()
     n_docs = n_tokens = 0
-    blocks = _blocks(split_documents(docs, tc, cfg.seed), tc.docs_per_block, digest)
-    for batch in _tokenize_stream(blocks):
+    for batch in _tokenize_stream(_blocks(labelled, tc.docs_per_block, digest)):
         for is_val, k, tokens in zip(batch.column("val").to_pylist(),
                                      batch.column("docs").to_pylist(), batch.column("tokens")):
             toks = tokens.values.to_numpy(zero_copy_only=False)
-            writers["val" if is_val else "train"].add(toks, k)
+            sink(is_val, toks, k)
             n_docs, n_tokens = n_docs + k, n_tokens + len(toks)
         now = time.perf_counter()
         if now - last_log > 10:
@@ -549,19 +726,49 @@ def _consume(docs: Iterator[str], cfg: Config, writers: dict, digest) -> None:
                 elapsed, n_tokens / max(elapsed, 1e-9))
 
 
-def _check_splits(writers: dict, tc: TokensConfig) -> None:
-    short = {s: w for s, w in writers.items() if w.rows_when_finished == 0}
-    if short:
-        counts = ", ".join(f"{s}: {w.docs} documents, {w.tokens_in} tokens"
-                           for s, w in writers.items())
-        raise ValueError(
-            f"corpus {describe_corpus(tc.corpus)!r} is too small: {'/'.join(short)} gets no "
-            f"context of ctx_len={tc.ctx_len} tokens ({counts}); give more text, a smaller "
-            f"ctx_len, or a larger val_fraction/min_val_docs"
+def _document_split_short(writers: dict, tc: TokensConfig) -> str | None:
+    """Why the document-level split falls short (val under min_val_docs documents, or a split
+    without a context), or None when it serves."""
+    train, val = writers["train"], writers["val"]
+    if val.docs >= tc.min_val_docs and val.rows_when_finished and train.rows_when_finished:
+        return None
+    return (f"the document-level split gave train {train.docs} documents / "
+            f"{train.rows_when_finished} contexts and val {val.docs} / "
+            f"{val.rows_when_finished}, short of min_val_docs={tc.min_val_docs} val documents "
+            f"and one context of ctx_len={tc.ctx_len} per split")
+
+
+def _split_tokens(cfg: Config, writers: dict, reason: str) -> dict:
+    """The token-level split (module doc), from a second read of the corpus: the first read
+    gave the stream's length, so the cut is known before any shard is written."""
+    tc, T = cfg.tokens, cfg.tokens.ctx_len
+    n_tokens = sum(w.tokens_in for w in writers.values())
+    n_docs = sum(w.docs for w in writers.values())
+    n_ctx = n_tokens // T
+    if n_ctx < 2:
+        raise UserError(
+            f"corpus {describe_corpus(tc.corpus)!r} is too small: it has {n_tokens} tokens "
+            f"({n_docs} documents, GPT-2 BPE with an EOT after each) and needs at least "
+            f"{2 * T}, one context of ctx_len={T} for train and one for val; give more text "
+            f"or a smaller ctx_len"
         )
+    n_val = min(max(1, round(tc.val_fraction * n_ctx)), n_ctx - 1)
+    logger.info("split: token-level, the last %d of %d contexts to val, cut at token %d (%s)",
+                n_val, n_ctx, (n_ctx - n_val) * T, reason)
+    staging = store.tokens_staging(cfg.out)
+    store.delete(staging)
+    writers = _writers(staging, tc)
+    router = _TokenSplit(writers, (n_ctx - n_val) * T)
+    _consume(((False, d) for d in iter_documents(tc)), cfg,
+             lambda is_val, toks, k: router.add(toks), hashlib.sha256())
+    again = sum(w.tokens_in for w in writers.values())
+    if again != n_tokens:
+        raise UserError(f"corpus {describe_corpus(tc.corpus)!r} changed while it was read "
+                        f"twice for the token-level split ({n_tokens} tokens, then {again})")
+    return writers
 
 
-def _manifest(cfg: Config, writers: dict, sha256: str) -> dict:
+def _manifest(cfg: Config, writers: dict, sha256: str, token_split_reason: str | None) -> dict:
     tc = cfg.tokens
     return {
         "tokenizer": "gpt2",
@@ -572,6 +779,8 @@ def _manifest(cfg: Config, writers: dict, sha256: str) -> dict:
         "dtype": "uint16",
         "eot": EOT,
         "seed": cfg.seed,
+        "split": "document" if token_split_reason is None else "token",
+        "split_reason": token_split_reason,
         "val_fraction": tc.val_fraction,
         "min_val_docs": tc.min_val_docs,
         "max_docs": tc.max_docs,

@@ -14,6 +14,7 @@ import tiktoken.load
 
 from mono import store, tokens
 from mono.config import TokensConfig, preset, with_overrides
+from mono.errors import MissingInput, UserError
 
 WORDS = ("the model reads a token and writes its feature while every neuron in the layer fires "
          "on café naïve 日本語 text 🙂 under sparse dictionary learning").split()
@@ -205,14 +206,20 @@ def test_hf_falls_back_to_the_parquet_export(monkeypatch, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("make, error, match", [
-    (lambda p: str(p / "missing.txt"), FileNotFoundError, "not found"),
-    (lambda p: str(p / "*.nothing"), FileNotFoundError, "matches no files"),
-    (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), FileNotFoundError, "holds no"),
+    (lambda p: str(p / "missing.txt"), MissingInput, "not found"),
+    (lambda p: str(p / "*.nothing"), MissingInput, "matches no files"),
+    (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), MissingInput, "holds no"),
     (lambda p: (p / "bin.txt").write_bytes(b"ok \xff\xfe bad") and str(p / "bin.txt"),
-     ValueError, "not UTF-8"),
+     UserError, "not UTF-8"),
     (lambda p: (p / "x.parquet").write_bytes(b"not parquet") and str(p / "x.parquet"),
-     ValueError, "not a Parquet file"),
-    (lambda p: "hf:", ValueError, "hf:NAME"),
+     UserError, "not a Parquet file"),
+    (lambda p: "hf:", UserError, "hf:NAME"),
+    (lambda p: (p / "x.txt.gz").write_bytes(b"not gzip" * 9) and str(p / "x.txt.gz"),
+     UserError, r"x\.txt\.gz is not a valid gzip file: .*header"),
+    (lambda p: (p / "x.jsonl.zst").write_bytes(b"not zstd" * 9) and str(p / "x.jsonl.zst"),
+     UserError, r"x\.jsonl\.zst is not a valid zstd file"),
+    (lambda p: (p / "x.parquet.gz").write_bytes(b"x") and str(p / "x.parquet.gz"),
+     UserError, "compressed Parquet"),
 ])
 def test_bad_sources_fail_when_opened(tmp_path, make, error, match):
     with pytest.raises(error, match=match):
@@ -302,6 +309,7 @@ def test_run_writes_shards_that_decode_to_the_corpus(ray_local, tmp_path, corpus
             "splits"} <= set(manifest)
     assert (manifest["tokenizer"], manifest["corpus"], manifest["ctx_len"]) == ("gpt2",
                                                                                str(path), T)
+    assert (manifest["split"], manifest["split_reason"]) == ("document", None)
     expected = _split_docs(docs, cfg)
     assert manifest["docs"] == {s: len(d) for s, d in expected.items()}
     assert manifest["docs"]["val"] == 2  # tiny preset: min_val_docs
@@ -360,30 +368,21 @@ def test_bad_input_writes_nothing(ray_local, tmp_path, corpus):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n   \n")
     small = _write_corpus(tmp_path / "small.txt", ["one short doc", "two", "three"])
-    cases = [(blank, ValueError, "has no documents"), (tmp_path / "nope.txt", FileNotFoundError,
-                                                        "not found"),
-             (small, ValueError, "too small")]
+    cases = [(blank, UserError, "has no documents"), (tmp_path / "nope.txt", MissingInput,
+                                                       "not found"),
+             (small, UserError, "too small")]
     for corpus_path, error, match in cases:
         out = tmp_path / f"out-{corpus_path.name}"
         with pytest.raises(error, match=match):
             tokens.run(_cfg(out, corpus_path))
         assert not out.exists()
 
-    # val too small while train already flushed shards to staging: staging is removed too.
-    cfg = _cfg(tmp_path / "staged", path, rows_per_shard=1)
-    val = {i for i, (v, _) in enumerate(tokens.split_documents(docs, cfg.tokens, 0)) if v}
-    _write_corpus(tmp_path / "tiny_val.txt", [f"v{i}" if i in val else d
-                                              for i, d in enumerate(docs)])
-    with pytest.raises(ValueError, match="val gets no context"):
-        tokens.run(_cfg(tmp_path / "staged", tmp_path / "tiny_val.txt", rows_per_shard=1))
-    assert not (tmp_path / "staged").exists()
-
     # A failed rerun leaves the previous good output as it was.
     good = tmp_path / "good"
     tokens.run(_cfg(good, path))
     before = _files(good)
-    with pytest.raises(ValueError, match="too small"):
-        tokens.run(_cfg(good, tmp_path / "tiny_val.txt", rows_per_shard=1))
+    with pytest.raises(UserError, match="too small"):
+        tokens.run(_cfg(good, small))
     assert _files(good) == before
 
 
@@ -404,3 +403,209 @@ def test_job_main_and_help(ray_local, tmp_path, corpus, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tokenize_corpus.main(["--preset", "tiny", "--ctx_len", "0"])
     assert exit_info.value.code == 2
+
+
+# --- corpora users bring: one long paragraph, compressed files, datasets on disk ---------
+
+
+def _lines(n_lines: int, seed: int = 0) -> str:
+    """One paragraph: n_lines lines of ~20 words, no blank line (notes, a log, a book)."""
+    rng = np.random.default_rng(seed)
+    return "\n".join(" ".join(rng.choice(WORDS, size=20)) + "." for _ in range(n_lines))
+
+
+def test_single_paragraph_file_splits_token_level(ray_local, tmp_path, caplog):
+    text = _lines(120)
+    path = tmp_path / "notes.txt"
+    path.write_text(text + "\n", encoding="utf-8")
+    cfg = _cfg(tmp_path / "out", path, val_fraction=0.1)
+    with caplog.at_level("INFO", logger="mono.tokens"):
+        manifest = tokens.run(cfg)
+    T = cfg.tokens.ctx_len
+    stream = tokens.encode_documents([text])
+    n = len(stream) // T
+    n_val = round(0.1 * n)
+    assert n_val >= 2 and manifest["rows"] == {"train": n - n_val, "val": n_val}
+    assert manifest["split"] == "token" and "min_val_docs=2" in manifest["split_reason"]
+    assert store.tokens_manifest(cfg.out)["split"] == "token"
+    assert f"split: token-level, the last {n_val} of {n} contexts" in caplog.text
+    train, val = (store.read_tokens(cfg.out, s)[1] for s in ("train", "val"))
+    # The last val_fraction of the stream, cut at a context boundary; only the tail is dropped.
+    np.testing.assert_array_equal(np.concatenate([train, val]).reshape(-1), stream[:n * T])
+    assert manifest["docs"] == {"train": 1, "val": 1}  # the cut goes through the one document
+    assert manifest["splits"]["val"]["tokens_dropped"] == len(stream) % T
+    assert tokens.run(cfg) == manifest  # deterministic
+
+    # Many documents whose val share is too short for a context: the same rule, corpus order.
+    docs = [_doc(i, 30 + i % 40) for i in range(64)]
+    val = {i for i, (v, _) in enumerate(tokens.split_documents(docs, cfg.tokens, 0)) if v}
+    docs = [f"v{i}" if i in val else d for i, d in enumerate(docs)]
+    short = tokens.run(_cfg(tmp_path / "short", _write_corpus(tmp_path / "s.txt", docs)))
+    assert short["split"] == "token" and "val 2 / 0" in short["split_reason"]
+    stream = tokens.encode_documents(docs)
+    got = np.concatenate([store.read_tokens(str(tmp_path / "short"), s)[1] for s in
+                          ("train", "val")])
+    np.testing.assert_array_equal(got.reshape(-1), stream[:got.size])
+    assert short["rows"]["val"] == 1 and sum(short["docs"].values()) in (64, 65)
+
+
+def test_too_small_corpus_names_both_numbers_and_writes_nothing(ray_local, tmp_path):
+    T = preset("tiny").tokens.ctx_len  # 64: two contexts are 128 tokens
+    assert len(tokens.encode_documents(["the" + " the" * 126])) == 2 * T
+    fits = tmp_path / "fits.txt"
+    fits.write_text("the" + " the" * 126)
+    manifest = tokens.run(_cfg(tmp_path / "fits", fits))
+    assert manifest["rows"] == {"train": 1, "val": 1} and manifest["split"] == "token"
+
+    short = tmp_path / "short.txt"
+    short.write_text("the" + " the" * 125)  # 127 tokens with the EOT
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"too small: it has 127 tokens \(1 documents.* needs "
+                                        r"at least 128, one context of ctx_len=64"):
+        tokens.run(_cfg(out, short))
+    assert not out.exists()
+
+
+def _compress(path: Path, codec: str) -> Path:
+    suffix = {"gzip": ".gz", "zstd": ".zst"}[codec]
+    target = path.with_name(path.name + suffix)
+    with pa.output_stream(str(target), compression=codec) as f:
+        f.write(path.read_bytes())
+    return target
+
+
+def _shards(out) -> dict[str, bytes]:
+    return {k: v for k, v in _files(out).items() if k != "manifest.json"}
+
+
+def test_gzip_and_zstd_give_the_shards_of_the_plain_files(ray_local, tmp_path, corpus):
+    import gzip
+
+    path, docs = corpus
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)),
+                     encoding="utf-8")
+    (tmp_path / "gz.txt.gz").write_bytes(gzip.compress(path.read_bytes()))  # gzip's own writer
+    (tmp_path / "d").mkdir()
+    for codec in ("gzip", "zstd"):
+        _compress(jsonl, codec).rename(tmp_path / "d" / (jsonl.name + {"gzip": ".gz",
+                                                                       "zstd": ".zst"}[codec]))
+    # A directory reads .jsonl.gz and .jsonl.zst, each as the plain JSONL, in name order.
+    assert _docs(str(tmp_path / "d")) == _docs(str(jsonl)) * 2 == docs * 2
+
+    plain = tokens.run(_cfg(tmp_path / "plain", path))
+    expected = _shards(tmp_path / "plain")
+    sources = [tmp_path / "gz.txt.gz", _compress(path, "gzip"), _compress(path, "zstd"),
+               tmp_path / "*.txt.zst", jsonl, _compress(jsonl, "gzip"), _compress(jsonl, "zstd")]
+    for i, src in enumerate(sources):
+        manifest = tokens.run(_cfg(tmp_path / f"out{i}", src))
+        assert _shards(tmp_path / f"out{i}") == expected, src
+        assert manifest["corpus_sha256"] == plain["corpus_sha256"], src
+
+
+def test_corrupt_gzip_names_the_file_and_writes_nothing(ray_local, tmp_path, corpus,
+                                                        monkeypatch):
+    import gzip
+
+    path, docs = corpus
+    garbage = tmp_path / "garbage.txt.gz"
+    garbage.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)  # a gzip magic, then junk
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"corpus file .*garbage\.txt\.gz is not a valid gzip "
+                                        r"file: zlib inflate failed"):
+        tokens.run(_cfg(out, garbage))
+    assert not out.exists()
+
+    # Truncated (an interrupted download): the first 64 KiB check passes, the stream fails
+    # after train shards were staged; staging and the new directories are removed.
+    packed = gzip.compress("\n\n".join(_doc(i, 60) for i in range(600)).encode())  # ~250 kB
+    truncated = tmp_path / "truncated.txt.gz"
+    truncated.write_bytes(packed[:len(packed) * 2 // 3])
+    tokens.iter_documents(TokensConfig(corpus=str(truncated)))  # the eager check passes
+    written, write = [], store.write_table_atomic
+    monkeypatch.setattr(store, "write_table_atomic",
+                        lambda p, t: written.append(p) or write(p, t))
+    cfg = _cfg(out, truncated, val_fraction=0.5, rows_per_shard=1)  # a lookahead of 4 docs
+    with pytest.raises(UserError, match=r"truncated\.txt\.gz is not a valid gzip file: "
+                                        r"Truncated compressed stream"):
+        tokens.run(cfg)
+    assert written and not out.exists()
+
+    good = tmp_path / "good"
+    tokens.run(_cfg(good, path))
+    before = _files(good)
+    with pytest.raises(UserError, match="truncated"):
+        tokens.run(_cfg(good, truncated, val_fraction=0.5, rows_per_shard=1))
+    assert _files(good) == before  # a failed rerun leaves the previous output as it was
+
+
+def _jsonl(path: Path, docs: list[str]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": d if i != 3 else None}) + "\n")
+    return path
+
+
+def test_save_to_disk_dir_gives_the_shards_of_its_jsonl(ray_local, tmp_path, corpus):
+    import datasets
+
+    _, docs = corpus
+    jsonl = _jsonl(tmp_path / "corpus.jsonl", docs)
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds.select(range(5)), "test": ds}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert _docs(str(tmp_path / "saved")) == _docs(str(jsonl)) == docs[:3] + docs[4:]
+
+    a = tokens.run(_cfg(tmp_path / "from_jsonl", jsonl))
+    b = tokens.run(_cfg(tmp_path / "from_saved", tmp_path / "saved"))
+    c = tokens.run(_cfg(tmp_path / "from_dict", tmp_path / "dict", hf_split="test"))
+    assert _shards(tmp_path / "from_saved") == _shards(tmp_path / "from_jsonl")
+    assert _shards(tmp_path / "from_dict") == _shards(tmp_path / "from_jsonl")
+    assert a["corpus_sha256"] == b["corpus_sha256"] == c["corpus_sha256"]
+    assert _docs(str(tmp_path / "dict")) == docs[:3] + docs[4:5]  # hf_split: train
+    with pytest.raises(UserError, match=r"has no split 'validation' \(splits: \['test', "
+                                        r"'train'\]\)"):
+        _docs(str(tmp_path / "dict"), hf_split="validation")
+    with pytest.raises(UserError, match="no column 'body'"):
+        next(tokens.iter_documents(TokensConfig(corpus=str(tmp_path / "saved"),
+                                                text_column="body")))
+
+
+def test_local_hf_dataset_repo_reads_its_split_offline(tmp_path, monkeypatch):
+    repo = tmp_path / "openwebtext"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nlicense: cc0-1.0\n---\n# Web pages\n\nNot a document.\n")
+    pq.write_table(pa.table({"text": ["page 0", "page 1"]}),
+                   repo / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["page 2"]}), repo / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["held out"]}), repo / "data" / "test-00000-of-00001.parquet")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("reading a local dataset touched the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert _docs(str(repo)) == ["page 0", "page 1", "page 2"]
+    assert _docs(str(repo), hf_split="test") == ["held out"]
+    assert _docs(f"hf:{repo}") == ["page 0", "page 1", "page 2"]
+    (repo / "README.md").write_text("# Just notes\n")  # no dataset card: read file by file
+    assert _docs(str(repo)) == ["# Just notes", "held out", "page 0", "page 1", "page 2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_pipeline_runs_on_one_paragraph(ray_local, tmp_path, capsys):
+    from ray_jobs import pipeline
+
+    path = tmp_path / "notes.txt"
+    path.write_text(_lines(700, seed=1) + "\n", encoding="utf-8")  # ~21 k tokens, no blank line
+    out = tmp_path / "run"
+    results = pipeline.main(["--preset", "tiny", "--out", str(out), "--corpus", str(path)])
+    assert all(r["ran"] for r in results), results
+    manifest = store.tokens_manifest(str(out))
+    assert manifest["split"] == "token" and manifest["rows"]["val"] == 1
+    assert (out / "lm" / "model.safetensors").stat().st_size > 0
+    assert list((out / "analysis").rglob("html/index.html"))
+    assert "=== summary:" in capsys.readouterr().out
