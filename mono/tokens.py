@@ -79,6 +79,7 @@ import tiktoken.load
 
 from mono import store
 from mono.config import Config, TokensConfig
+from mono.errors import MissingInput, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ def iter_documents(tc: TokensConfig) -> Iterator[str]:
     """The corpus's documents, in a deterministic order, streamed (a corpus may exceed RAM).
 
     Checks the source eagerly (missing path, empty glob or directory, unreadable or non-UTF-8
-    file, table without `text_column`, unknown hf: dataset) and raises FileNotFoundError or
-    ValueError naming it; the returned iterator then reads lazily. Blank documents are
+    file, table without `text_column`, unknown hf: dataset) and raises MissingInput or
+    UserError (mono.errors) naming it; the returned iterator then reads lazily. Blank documents are
     skipped; at most `max_docs` documents are yielded when it is > 0.
     """
     spec = tc.corpus
@@ -176,7 +177,7 @@ def iter_documents(tc: TokensConfig) -> Iterator[str]:
     elif spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:
-            raise ValueError(f"corpus {spec!r}: expected hf:NAME[:CONFIG]")
+            raise UserError(f"corpus {spec!r}: expected hf:NAME[:CONFIG]")
         ds = load_hf(name, config or None, split=tc.hf_split)
         docs = _rows_text(ds, tc.text_column, spec)
     else:
@@ -194,7 +195,7 @@ def corpus_files(spec: str) -> list[str]:
     if any(c in path for c in "*?["):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not files:
-            raise FileNotFoundError(f"corpus glob {spec!r} matches no files")
+            raise MissingInput(f"corpus glob {spec!r} matches no files")
         return files
     if os.path.isdir(path):
         files, skipped = [], 0
@@ -210,14 +211,14 @@ def corpus_files(spec: str) -> list[str]:
                         skipped)
         files.sort()
         if not files:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"corpus directory {spec!r} holds no {'/'.join(TEXT_SUFFIXES)}/.parquet/.jsonl "
                 f"files"
             )
         return files
     if os.path.isfile(path):
         return [path]
-    raise FileNotFoundError(
+    raise MissingInput(
         f"corpus {spec!r} not found: expected '' (embedded), a file, a glob, a directory or "
         f"hf:NAME[:CONFIG]"
     )
@@ -233,29 +234,29 @@ def _check_file(path: str, text_column: str) -> None:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
     except OSError as err:
-        raise ValueError(f"corpus file {path} cannot be read: {err}") from None
+        raise UserError(f"corpus file {path} cannot be read: {err}") from None
     kind = _table_kind(path)
     if kind == "parquet":
         try:
             names = pq.read_schema(path).names
         except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"corpus file {path} is not a Parquet file: {err}") from None
+            raise UserError(f"corpus file {path} is not a Parquet file: {err}") from None
         if text_column not in names:
-            raise ValueError(f"{path} has no column {text_column!r} (columns: {names})")
+            raise UserError(f"{path} has no column {text_column!r} (columns: {names})")
         return
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     try:  # a multi-byte character may straddle the cut: the incremental decoder allows that
         text = decoder.decode(head, final=len(head) < 1 << 16)
     except UnicodeDecodeError as err:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {err}") from None
+        raise UserError(f"corpus file {path} is not UTF-8 text: {err}") from None
     if kind == "json":
         first = text.lstrip().split("\n", 1)[0]
         try:
             row = json.loads(first) if first else {}
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: first line is not JSON: {err}") from None
+            raise UserError(f"{path}: first line is not JSON: {err}") from None
         if first and not (isinstance(row, dict) and text_column in row):
-            raise ValueError(f"{path}: first row has no key {text_column!r}: {first[:200]!r}")
+            raise UserError(f"{path}: first row has no key {text_column!r}: {first[:200]!r}")
 
 
 def _file_documents(path: str, text_column: str) -> Iterator[str]:
@@ -280,7 +281,7 @@ def _paragraphs(path: str) -> Iterator[str]:
                     yield "".join(lines).rstrip("\r\n")
                     lines = []
     except UnicodeDecodeError as err:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {err}") from None
+        raise UserError(f"corpus file {path} is not UTF-8 text: {err}") from None
     if lines:
         yield "".join(lines).rstrip("\r\n")
 
@@ -306,7 +307,7 @@ def _rows_text(ds, text_column: str, label: str, batch_size: int = 1024) -> Iter
     """The text column of a `datasets` (Iterable)Dataset, in row order, nulls skipped."""
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_column not in columns:
-        raise ValueError(f"corpus {label!r} has no column {text_column!r} (columns: {columns})")
+        raise UserError(f"corpus {label!r} has no column {text_column!r} (columns: {columns})")
     for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
         yield from (t for t in batch[text_column] if t is not None)
 
@@ -497,13 +498,20 @@ class _SplitWriter:
         self.rows += len(tokens)
 
 
+def check(cfg: Config) -> None:
+    """The job's input check before Ray starts (mono.cli): the corpus exists and reads
+    (iter_documents' eager checks; an hf: dataset is only looked up by `run`)."""
+    if not cfg.tokens.corpus.startswith("hf:"):
+        iter_documents(cfg.tokens)
+
+
 def run(cfg: Config) -> dict:
     """Tokenize `cfg.tokens.corpus` into <cfg.out>/tokens; returns the manifest (module doc)."""
     tc, out = cfg.tokens, cfg.out
     docs = iter_documents(tc)  # raises on a bad source before anything is written
     first = next(docs, None)
     if first is None:
-        raise ValueError(f"corpus {describe_corpus(tc.corpus)!r} has no documents")
+        raise UserError(f"corpus {describe_corpus(tc.corpus)!r} has no documents")
     staging = store.tokens_staging(out)
     store.delete(staging)  # left by a killed run
     writers = {s: _SplitWriter(store.join(staging, s), tc.ctx_len, tc.rows_per_shard)
@@ -554,7 +562,7 @@ def _check_splits(writers: dict, tc: TokensConfig) -> None:
     if short:
         counts = ", ".join(f"{s}: {w.docs} documents, {w.tokens_in} tokens"
                            for s, w in writers.items())
-        raise ValueError(
+        raise UserError(
             f"corpus {describe_corpus(tc.corpus)!r} is too small: {'/'.join(short)} gets no "
             f"context of ctx_len={tc.ctx_len} tokens ({counts}); give more text, a smaller "
             f"ctx_len, or a larger val_fraction/min_val_docs"

@@ -10,17 +10,16 @@ sweep's best loss_recovered among trials with L0 <= --target_l0 (else the best o
 with a note), or <out>/sae_single/sae without a sweep. Prints the index.html to open.
 """
 
-import logging
-
 import ray
 
 from mono import cli, features
 
+PROG = "python -m ray_jobs.analyze"
 SECTIONS = ("analysis",)
 
 
 def main(argv: list[str] | None = None, init=None) -> dict:
-    cfg = cli.parse(argv, "python -m ray_jobs.analyze", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=features.check)
     summary = features.run(cfg)
     classes = ", ".join(f"{n} {c}" for c, n in summary["classes"].items())
     print(f"analysis: {summary['trial']} ({summary['chosen']}): {summary['n_features']} "
@@ -31,5 +30,4 @@ def main(argv: list[str] | None = None, init=None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

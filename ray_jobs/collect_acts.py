@@ -8,17 +8,16 @@
 Rerunning into the same --out resumes: finished shards are kept, the rest are written.
 """
 
-import logging
-
 import ray
 
 from mono import acts, cli
 
+PROG = "python -m ray_jobs.collect_acts"
 SECTIONS = ("acts",)
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.collect_acts", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=acts.check)
     manifest = acts.run(cfg)
     print(f"activation shards: {manifest['rows']} rows ({manifest['n_contexts']} contexts x "
           f"{manifest['tokens_per_context']}, H={manifest['H']} {manifest['dtype']}), "
@@ -28,5 +27,4 @@ def main(argv: list[str] | None = None, init=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

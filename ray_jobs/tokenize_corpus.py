@@ -9,17 +9,16 @@
 glob, a directory, a .parquet/.jsonl file with --text_column, or hf:NAME[:CONFIG].
 """
 
-import logging
-
 import ray
 
 from mono import cli, tokens
 
+PROG = "python -m ray_jobs.tokenize_corpus"
 SECTIONS = ("tokens",)
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.tokenize_corpus", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=tokens.check)
     manifest = tokens.run(cfg)
     rows, docs = manifest["rows"], manifest["docs"]
     print(f"tokens: {rows['train']} train / {rows['val']} val contexts of {manifest['ctx_len']} "
@@ -29,5 +28,4 @@ def main(argv: list[str] | None = None, init=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)
