@@ -6,6 +6,9 @@
         --out s3://BUCKET/mono/paper --max_actors 8
 
 Rerunning into the same --out resumes: finished shards are kept, the rest are written.
+Missing or corrupt token shards, a missing LM or one of another LmConfig (e.g. its d_mlp),
+and --tokens_per_context / --n_contexts the shards cannot give are reported before Ray
+starts, as one line (exit status 2; --traceback shows the stack).
 """
 
 import ray

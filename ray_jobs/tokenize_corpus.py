@@ -7,6 +7,9 @@
 
 --corpus: '' (the embedded offline default), a text file (blank lines separate documents), a
 glob, a directory, a .parquet/.jsonl file with --text_column, or hf:NAME[:CONFIG].
+A missing or unreadable corpus (or one without --text_column) and an --out that is a file
+or not writable are reported before Ray starts, as one line `... error: ...` (exit status 2;
+--traceback shows the stack); an hf: dataset is looked up once Ray runs.
 """
 
 import ray

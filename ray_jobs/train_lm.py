@@ -5,7 +5,10 @@
     ray job submit --working-dir . -- python -m ray_jobs.train_lm --preset paper \
         --out s3://BUCKET/mono/paper --num_workers 8 --use_gpu
 
-Rerunning the same command resumes from the last checkpoint in <out>/lm.
+Rerunning the same command resumes from the last checkpoint in <out>/lm. Missing token
+shards, contexts longer than --block_size, or an <out>/lm checkpoint of another LmConfig
+(e.g. its d_mlp) are reported before Ray starts, as one line (exit status 2; --traceback
+shows the stack).
 """
 
 import ray
