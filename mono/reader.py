@@ -70,8 +70,9 @@ def check_shards(shards: dict) -> None:
             return f"activation shard {path} is missing"
         except (OSError, ValueError) as err:  # pyarrow: ArrowInvalid, ArrowIOError
             return f"corrupt activation shard {path}: {err}"
-        return None if found == rows else f"activation shard {path} holds {found} rows, " \
-                                          f"its manifest says {rows}"
+        if found != rows:
+            return f"activation shard {path} holds {found} rows, its manifest says {rows}"
+        return None
 
     with ThreadPoolExecutor(16) as pool:
         for msg in pool.map(problem, shards["files"], shards["rows"]):

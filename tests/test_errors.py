@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from mono import acts, cli, store, train_sae
+from mono import acts, cli, reader, store, train_sae
 from mono.config import PRESETS, with_overrides
 from mono.errors import BadOutput, MissingInput, UserError
 from mono.lm import Lm
@@ -328,6 +328,18 @@ def test_check_out_accepts_what_a_stage_can_create(tmp_path):
     os.symlink(tmp_path / "gone", tmp_path / "link")
     with pytest.raises(BadOutput, match="broken symbolic link"):
         cli.check_out(str(tmp_path / "link" / "run"))
+
+
+def test_check_shards_names_a_missing_or_short_shard(built, tmp_path):
+    out = copy(built, "acts", tmp_path / "run")
+    shards = reader.shard_list(out)
+    reader.check_shards(shards)   # the intact dataset passes
+    os.remove(shards["files"][0])
+    with pytest.raises(UserError, match=f"activation shard {shards['files'][0]} is missing"):
+        reader.check_shards(shards)
+    with pytest.raises(UserError, match=f"{shards['files'][1]} holds 1024 rows, its manifest "
+                                        f"says 5"):
+        reader.check_shards({"files": shards["files"][1:], "rows": [5]})
 
 
 def test_pipeline_checks_each_stage_when_it_reaches_it(tmp_path, monkeypatch):
