@@ -1,14 +1,16 @@
 """User errors from every job: one line `prog: error: message`, exit status 2, before Ray.
 
 The acceptance tests drive the real entry points (`python -m ray_jobs.<job>`) in a
-subprocess, one mistake each, and assert: status 2, exactly one line on stderr naming the
-file or value, no traceback, nothing under --out changed (every path's size, mtime and
-bytes), and no Ray started (the subprocess's private RAY_TMPDIR stays empty: a local
-`ray.init` creates its session dir there). One module fixture writes a tiny run dir
-without Ray: token shards and an untrained tiny LM through mono.store, activation shards
-through `acts.Collector`, an SAE export through `train_sae.export`; each test copies the
-parts it needs. The rest test mono.cli's mechanism and the pipeline's stage checks in
-process.
+subprocess, one mistake each (`CASES`: the issue's table, --out a file for every job, an
+unwritable --out, a corrupt activation shard, an LM of the wrong width), and assert: status
+2, exactly one line on stderr naming the file or value, no traceback, nothing under or
+above --out changed (every path's mode, size, mtime and bytes), and no Ray started (the
+subprocess's private RAY_TMPDIR stays empty: a local `ray.init` creates its session dir
+there). The subprocesses run two at a time; each is mostly imports (torch, ray.data: ~2.5 s
+of CPU). One module fixture writes a tiny run dir without Ray: token shards and an
+untrained tiny LM through mono.store, activation shards through `acts.Collector`, an SAE
+export through `train_sae.export`; each case copies the stage it needs. The rest test
+mono.cli's mechanism and the pipeline's stage checks in process.
 """
 
 import hashlib
@@ -181,9 +183,6 @@ def _cases():
     for job in JOBS:
         cases[f"{job} --out FILE"] = lambda tmp, b, job=job: (
             job, (out := _file(tmp / "FILE")), [], [f"--out {out} is a file, not a directory"])
-    cases["sweep_sae --out FILE/run"] = lambda tmp, b: (
-        "sweep_sae", f"{_file(tmp / 'FILE')}/run", [],
-        [f"--out {tmp}/FILE/run: {tmp}/FILE is a file, not a directory"])
     for job in ("sweep_sae", "analyze"):
         cases[f"{job} corrupt activation shard"] = lambda tmp, b, job=job: (
             job, (out := copy(b, "acts", tmp / "run")), [],
@@ -198,8 +197,8 @@ def _cases():
     cases["tokenize_corpus --out unwritable"] = lambda tmp, b: (
         "tokenize_corpus", (out := _empty(tmp / "run")), [],
         [f"--out {out}: directory {out} is not writable"], _read_only(out))
-    cases["sweep_sae --out below an unwritable dir"] = lambda tmp, b: (
-        "sweep_sae", f"{(ro := copy(b, 'acts', tmp / 'ro'))}/sub/run", [],
+    cases["pipeline --out below an unwritable dir"] = lambda tmp, b: (
+        "pipeline", f"{(ro := copy(b, 'acts', tmp / 'ro'))}/sub/run", [],
         [f"--out {ro}/sub/run: directory {ro} is not writable"], _read_only(ro))
     return cases
 
@@ -225,12 +224,14 @@ def outcomes(built, tmp_path_factory):
         tmp, job, out, argv, _, wrap = setups[name]
         return None if wrap is None else run_job(job, ["--out", out, *argv], tmp, wrap)
 
-    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+    with ThreadPoolExecutor(2) as pool:
         results = dict(zip(setups, pool.map(run, setups)))
     return {name: (setups[name], before[name], results[name],
                    snapshot(str(setups[name][0] / "case"))) for name in setups}
 
 
+@pytest.mark.slow  # the first case waits for all: ~50 s of CPU, mostly torch/ray imports
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", CASES)
 def test_user_error_is_one_line_before_ray(case, outcomes):
     (_, job, out, _, names, _), before, result, after = outcomes[case]
@@ -325,6 +326,10 @@ def test_parse_checks_out_and_inputs_before_init(tmp_path):
 def test_check_out_accepts_what_a_stage_can_create(tmp_path):
     cli.check_out(str(tmp_path))
     cli.check_out(str(tmp_path / "new" / "deeper"))
+    (tmp_path / "FILE").write_text("")
+    with pytest.raises(BadOutput, match=f"^--out {tmp_path}/FILE/run: {tmp_path}/FILE is a "
+                                        f"file, not a directory$"):
+        cli.check_out(str(tmp_path / "FILE" / "run"))
     os.symlink(tmp_path / "gone", tmp_path / "link")
     with pytest.raises(BadOutput, match="broken symbolic link"):
         cli.check_out(str(tmp_path / "link" / "run"))
