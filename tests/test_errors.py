@@ -198,7 +198,7 @@ def _cases():
         "tokenize_corpus", (out := _empty(tmp / "run")), [],
         [f"--out {out}: directory {out} is not writable"], _read_only(out))
     cases["pipeline --out below an unwritable dir"] = lambda tmp, b: (
-        "pipeline", f"{(ro := copy(b, 'acts', tmp / 'ro'))}/sub/run", [],
+        "pipeline", f"{(ro := _empty(tmp / 'ro'))}/sub/run", [],
         [f"--out {ro}/sub/run: directory {ro} is not writable"], _read_only(ro))
     return cases
 
