@@ -198,6 +198,5 @@ def main(job: Callable[..., object], prog: str, init: Callable[[], object] | Non
         if wants_traceback(argv):
             traceback.print_exc()
         message = " ".join(str(user_error(err)).splitlines())  # one line, always
-        sys.stderr.flush()
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {message}\n")
         sys.exit(2)
