@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from mono import store
 from mono.config import Config
+from mono.errors import BadOutput, MissingInput, UserError
 from mono.lm import Lm
 
 logger = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ def lm_checksum(out: str) -> str:
     """sha256 of <out>/lm/model.safetensors: which weights a shard came from."""
     path = store.join(store.Layout(out).lm, store.LM_WEIGHTS)
     if not store.exists(path):
-        raise FileNotFoundError(f"no LM weights {path}: run `python -m ray_jobs.train_lm "
-                                f"--out {out}` first")
+        raise MissingInput(f"no LM weights {path}: run `python -m ray_jobs.train_lm "
+                           f"--out {out}` first")
     return hashlib.sha256(store.read_bytes(path)).hexdigest()
 
 
@@ -266,40 +267,40 @@ def check_inputs(cfg: Config) -> tuple[dict, dict, int]:
     tm = store.tokens_manifest(out)
     T = tm["ctx_len"]
     if a.tokens_per_context > T:
-        raise ValueError(f"acts.tokens_per_context ({a.tokens_per_context}) > the token "
-                         f"shards' ctx_len ({T}) in {store.Layout(out).tokens_manifest}")
+        raise UserError(f"acts.tokens_per_context ({a.tokens_per_context}) > the token "
+                        f"shards' ctx_len ({T}) in {store.Layout(out).tokens_manifest}")
     if T > 32768:
-        raise ValueError(f"ctx_len {T} does not fit the shards' int16 pos column")
+        raise UserError(f"ctx_len {T} does not fit the shards' int16 pos column")
     available = tm["splits"]["train"]["rows"]
     if available == 0:
-        raise ValueError(f"no train contexts in {store.Layout(out).tokens('train')}")
+        raise UserError(f"no train contexts in {store.Layout(out).tokens('train')}")
     n = a.n_contexts or available
     if n > available:
-        raise ValueError(f"acts.n_contexts ({a.n_contexts}) > the {available} train contexts "
-                         f"in {store.Layout(out).tokens('train')}")
+        raise UserError(f"acts.n_contexts ({a.n_contexts}) > the {available} train contexts "
+                        f"in {store.Layout(out).tokens('train')}")
     tdir = store.Layout(out).tokens("train")
     for f in (f for f in tm["splits"]["train"]["files"] if f["first"] < n):
         _check_token_shard(store.join(tdir, f["name"]), f["rows"])
     sha = lm_checksum(out)
     lm = store.load_lm(out, expect=cfg.lm)  # names every field (d_mlp, ...) that differs
     if lm.cfg.block_size < T:
-        raise ValueError(f"the LM's block_size ({lm.cfg.block_size}) < the token shards' "
-                         f"ctx_len ({T})")
+        raise UserError(f"the LM's block_size ({lm.cfg.block_size}) < the token shards' "
+                        f"ctx_len ({T})")
     return tm, _settings(cfg, tm, sha), n
 
 
 def _check_token_shard(path: str, rows: int) -> None:
     """Footer only: the shard exists, is Parquet and holds the rows the manifest says."""
     if not store.exists(path):
-        raise FileNotFoundError(f"token shard {path} listed in the token manifest is missing")
+        raise MissingInput(f"token shard {path} listed in the token manifest is missing")
     fs, p = store.resolve(path)
     try:
         with fs.open_input_file(p) as f:
             found = pq.read_metadata(f).num_rows
     except (OSError, ValueError) as err:
-        raise ValueError(f"corrupt token shard {path}: {err}") from err
+        raise UserError(f"corrupt token shard {path}: {err}") from err
     if found != rows:
-        raise ValueError(f"token shard {path} has {found} rows, its manifest says {rows}")
+        raise UserError(f"token shard {path} has {found} rows, its manifest says {rows}")
 
 
 def existing_state(cfg: Config, settings: dict, chunks: list[tuple[int, int]]) -> set[int]:
@@ -325,9 +326,9 @@ def existing_state(cfg: Config, settings: dict, chunks: list[tuple[int, int]]) -
         if bad:
             conflicts.append(f"{name}: " + ", ".join(f"{k}={meta.get(k)!r}" for k in bad))
     if conflicts and not cfg.acts.overwrite:
-        raise ValueError(f"{acts_dir} holds activations from a different LM or settings "
-                         f"({'; '.join(conflicts[:3])}); pass --acts.overwrite true to replace "
-                         f"them, or choose another --out")
+        raise UserError(f"{acts_dir} holds activations from a different LM or settings "
+                        f"({'; '.join(conflicts[:3])}); pass --acts.overwrite true to replace "
+                        f"them, or choose another --out")
     if conflicts:
         logger.warning("acts.overwrite: deleting %d shards and the manifest in %s",
                        len(infos), acts_dir)
@@ -368,8 +369,8 @@ def check_disk(cfg: Config, rows: int, d_mlp: int) -> None:
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise ValueError(f"not enough disk for {target}: collection needs ~{need / 1e9:.2f} GB "
-                         f"uncompressed, {free / 1e9:.2f} GB free")
+        raise BadOutput(f"not enough disk for {target}: collection needs ~{need / 1e9:.2f} GB "
+                        f"uncompressed, {free / 1e9:.2f} GB free")
 
 
 def _pool(cfg: Config) -> tuple[int, dict]:
@@ -388,11 +389,17 @@ def _pool(cfg: Config) -> tuple[int, dict]:
         return n, {"num_gpus": 1, "num_cpus": a.cpus_per_actor}
     largest = max((n.get("CPU", 0) for n in nodes), default=0)
     if a.cpus_per_actor > largest:
-        raise ValueError(f"acts.cpus_per_actor ({a.cpus_per_actor}) > the {largest:g} CPUs of "
-                         f"the largest node: pass a smaller --cpus_per_actor")
+        raise UserError(f"acts.cpus_per_actor ({a.cpus_per_actor}) > the {largest:g} CPUs of "
+                        f"the largest node: pass a smaller --cpus_per_actor")
     # Leave one CPU to Ray Data's own tasks (RAY_NOTES §1.2: a full pool deadlocks).
     n = a.max_actors or max(1, (int(res.get("CPU", 1)) - 1) // a.cpus_per_actor)
     return n, {"num_cpus": a.cpus_per_actor}
+
+
+def check(cfg: Config) -> None:
+    """The job's input check before Ray starts (mono.cli): `check_inputs` (token manifest
+    and shard footers, the LM and its config)."""
+    check_inputs(cfg)
 
 
 def run(cfg: Config) -> dict:

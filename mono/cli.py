@@ -5,6 +5,14 @@ Stdlib only. Flags are built from the config dataclasses; each field's attribute
 (`--sae.lr 1e-3`); the bare `--<field>` works too and means the first section, in the job's
 section order, that has a field of that name (so `sweep_sae --lr 1e-4 3e-4` sets the grid,
 while `train_lm --lr 1e-3` sets the LM's). `--corpus` is `--tokens.corpus`.
+
+Errors: every job runs the same sequence, `main` around `parse`: parse the flags, check
+`--out` (a local path must be a directory this user can write, or creatable), run the
+stage's `check(cfg)` (its inputs, without Ray), then `init` (`ray.init`), then the stage.
+A `mono.errors.UserError` raised anywhere in that sequence (also from a Ray task) is
+printed as one line, `prog: error: message`, with exit status 2, like argparse's usage
+errors; `--traceback` or MONO_TRACEBACK=1 prints its stack too. Any other exception is a
+bug of mono and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,13 +21,19 @@ import argparse
 import ast
 import functools
 import inspect
+import logging
 import os
+import sys
+import traceback
 import typing
 from collections.abc import Callable
 from dataclasses import fields, replace
 
 from mono import config as config_module
 from mono.config import SECTIONS, Config, field_types, preset
+from mono.errors import BadOutput, UserError
+
+TRACEBACK_ENV = "MONO_TRACEBACK"
 
 
 @functools.cache
@@ -69,6 +83,10 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...]) -> argp
     parser.add_argument("--preset", default="demo",
                         help="tiny (tests, seconds), demo (offline default, minutes) or paper "
                              "(the seed's numbers, clusters)")
+    parser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help=f"on a user error (a missing input, a bad --out), print the "
+                             f"stack too, not just the one-line message (or "
+                             f"{TRACEBACK_ENV}=1)")
     for f in fields(Config):
         if f.name in SECTIONS:
             continue
@@ -93,15 +111,18 @@ def build_parser(prog: str, description: str, sections: tuple[str, ...]) -> argp
 
 
 def parse(argv: list[str] | None, prog: str, description: str,
-          sections: tuple[str, ...], init: Callable[[], object] | None = None) -> Config:
+          sections: tuple[str, ...], init: Callable[[], object] | None = None,
+          check: Callable[[Config], object] | None = None) -> Config:
     """Parse a job's command line into a validated Config (preset + overrides).
 
-    Invalid values exit with a usage error that names the field and the value. `init`
-    (a job's `ray.init`, from its `__main__`) runs only once the arguments parsed, so
-    `--help` and bad flags never wait for Ray.
+    Invalid values exit with a usage error that names the field and the value. Then, still
+    before Ray: a local `--out` is checked (`check_out`) and `check(cfg)`, the stage's input
+    check, runs; both raise `UserError`. `init` (a job's `ray.init`, from its `__main__`)
+    runs last, so `--help`, bad flags and bad inputs never wait for Ray.
     """
     parser = build_parser(prog, description, sections)
     args = vars(parser.parse_args(argv))
+    args.pop("traceback", None)  # read by `main`, which catches the errors
     try:
         cfg = preset(args.pop("preset"))
         top = {k: v for k, v in args.items() if "." not in k}
@@ -124,6 +145,58 @@ def parse(argv: list[str] | None, prog: str, description: str,
     except (ValueError, TypeError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+    check_out(cfg.out)
+    if check is not None:
+        check(cfg)
     if init is not None:
         init()
     return cfg
+
+
+def check_out(out: str) -> None:
+    """Raise BadOutput unless the local directory `out` can be written by this process:
+    it is a directory it may write, or the nearest existing ancestor is (the stages create
+    the rest). URIs (s3://, gs://) are left to the stages, which write through pyarrow.fs.
+    `os.access` asks the kernel with this process's ids: it answers for modes, ACLs,
+    read-only mounts and immutable files alike, and changes nothing."""
+    if "://" in out:
+        return
+    path = os.path.abspath(out)
+    while not os.path.lexists(path):  # the stages create the missing part (mkdir -p)
+        path = os.path.dirname(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise BadOutput(f"--out {out}: {path} is a broken symbolic link")
+    if not os.path.isdir(path):
+        where = "" if path == os.path.abspath(out) else f": {path}"
+        raise BadOutput(f"--out {out}{where} is a file, not a directory")
+    if not os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise BadOutput(f"--out {out}: directory {path} is not writable by this user")
+
+
+def wants_traceback(argv: list[str]) -> bool:
+    """--traceback on the command line or MONO_TRACEBACK set (to anything but '' or 0)."""
+    return "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def user_error(err: UserError) -> UserError:
+    """The UserError to report for `err`: itself, or, raised in a Ray task or actor, the
+    original (Ray's RayTaskError is then also a UserError, its message the remote stack)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UserError) else err
+
+
+def main(job: Callable[..., object], prog: str, init: Callable[[], object] | None = None,
+         argv: list[str] | None = None) -> None:
+    """The `__main__` of every job: `job(argv, init=init)` (which parses with `parse`), with
+    logging to stderr; a UserError becomes one line `prog: error: message` on stderr and exit
+    status 2 (module doc). Other exceptions propagate with their traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        job(argv, init=init)
+    except UserError as err:
+        if wants_traceback(argv):
+            traceback.print_exc()
+        message = " ".join(str(user_error(err)).splitlines())  # one line, always
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.exit(2)

@@ -64,6 +64,7 @@ import torch
 
 from mono import pages, reader, store
 from mono.config import Config
+from mono.errors import MissingInput, UserError
 from mono.sae import SparseAutoencoder
 from mono.tokens import gpt2
 from mono.train_sae import load_sae
@@ -98,8 +99,8 @@ def best_trial(trials: list[dict], target_l0: float) -> tuple[dict, str]:
     scored = [t for t in trials if t.get("status", "done") == "done"
               and math.isfinite(_metric(t, "loss_recovered"))]
     if not scored:
-        raise ValueError(f"no trial in trials.json has a loss_recovered metric: "
-                         f"{[t.get('name') for t in trials]}")
+        raise UserError(f"no trial in trials.json has a loss_recovered metric: "
+                        f"{[t.get('name') for t in trials]}")
     within = [t for t in scored if _metric(t, "l0") <= target_l0]
     best = max(within or scored, key=lambda t: _metric(t, "loss_recovered"))
     note = (f"best of {len(within)} trial(s) with L0 <= {target_l0:g}" if within else
@@ -129,8 +130,8 @@ def resolve_trial(cfg: Config) -> tuple[str, str, str]:
     if want:
         named = [t for t in trials if t.get("name") == want]
         if named and named[0].get("status", "done") != "done":
-            raise ValueError(f"trial {want!r} of {trials_path} is {named[0]['status']}, "
-                             f"not done: it has no SAE export")
+            raise UserError(f"trial {want!r} of {trials_path} is {named[0]['status']}, "
+                            f"not done: it has no SAE export")
         if named:
             return _safe_name(want), _trial_sae_dir(named[0], experiment), f"trial {want}"
         for path in (want, store.join(want, "sae")):
@@ -138,17 +139,17 @@ def resolve_trial(cfg: Config) -> tuple[str, str, str]:
                 parent = path.rstrip("/").rsplit("/", 2)
                 name = parent[-2] if parent[-1] == "sae" and len(parent) > 1 else parent[-1]
                 return _safe_name(name), path, f"SAE dir {path}"
-        raise ValueError(f"--trial {want!r} is neither a trial of {trials_path} "
-                         f"({[t.get('name') for t in trials]}) nor an SAE export dir "
-                         f"(holding {' + '.join(SAE_FILES)})")
+        raise MissingInput(f"--trial {want!r} is neither a trial of {trials_path} "
+                           f"({[t.get('name') for t in trials]}) nor an SAE export dir "
+                           f"(holding {' + '.join(SAE_FILES)})")
     if trials:
         best, note = best_trial(trials, cfg.analysis.target_l0)
         return _safe_name(best["name"]), _trial_sae_dir(best, experiment), note
     single = store.join(cfg.out, "sae_single", "sae")
     if _is_sae_dir(single):
         return "sae_single", single, f"no {trials_path}; the single run {single}"
-    raise FileNotFoundError(f"no SAE to analyse: neither {trials_path} nor {single} exists; "
-                            f"run `python -m ray_jobs.sweep_sae --out {cfg.out}` or pass --trial")
+    raise MissingInput(f"no SAE to analyse: neither {trials_path} nor {single} exists; "
+                       f"run `python -m ray_jobs.sweep_sae --out {cfg.out}` or pass --trial")
 
 
 # --- the scan: bounded per-feature state -------------------------------------------------
@@ -498,13 +499,14 @@ def fetch_windows(out: str, ctx: np.ndarray, pos: np.ndarray, window: int) -> li
 def check_inputs(cfg: Config, sae: SparseAutoencoder, shards: dict, sae_dir: str):
     """Raise before any work if the SAE, shards and LM do not fit together."""
     if shards["H"] != sae.d_in:
-        raise ValueError(f"the SAE in {sae_dir} reads {sae.d_in}-wide activations but the "
-                         f"shards of {store.Layout(cfg.out).acts} hold H={shards['H']}")
+        raise UserError(f"the SAE in {sae_dir} reads {sae.d_in}-wide activations but the "
+                        f"shards of {store.Layout(cfg.out).acts} hold H={shards['H']}")
     for name, p in sae.named_parameters():
         if not torch.isfinite(p).all():
-            raise ValueError(f"the SAE in {sae_dir} has NaN/Inf in {name}")
+            raise UserError(f"the SAE in {sae_dir} has NaN/Inf in {name}")
     if not sum(shards["rows"]):
-        raise ValueError(f"no activation rows in {store.Layout(cfg.out).acts}")
+        raise UserError(f"no activation rows in {store.Layout(cfg.out).acts}")
+    reader.check_shards(shards)
 
 
 def density_class(density: np.ndarray, cfg: Config) -> np.ndarray:
@@ -513,18 +515,26 @@ def density_class(density: np.ndarray, cfg: Config) -> np.ndarray:
                      ["dead", "ultralow", "dense"], "low")
 
 
-def run(cfg: Config) -> dict:
-    """Analyse one trial's SAE into <out>/analysis/<trial>/ (module doc); -> summary dict
-    (with "index": the feature browser's index.html)."""
-    a, t0 = cfg.analysis, time.perf_counter()
+def check(cfg: Config) -> tuple:
+    """The job's input check before Ray starts (mono.cli): the SAE to analyse, the shards
+    (footers) and the LM, and that they fit together. -> (trial, sae_dir, how, sae, shards,
+    lm) for `run`."""
     trial, sae_dir, how = resolve_trial(cfg)
     sae, _ = load_sae(sae_dir)
     shards = reader.shard_list(cfg.out)
     check_inputs(cfg, sae, shards, sae_dir)
     lm = store.load_lm(cfg.out)
     if lm.cfg.d_mlp != sae.d_in:
-        raise ValueError(f"the LM in {store.Layout(cfg.out).lm} has d_mlp={lm.cfg.d_mlp}, the "
-                         f"SAE in {sae_dir} d_in={sae.d_in}")
+        raise UserError(f"the LM in {store.Layout(cfg.out).lm} has d_mlp={lm.cfg.d_mlp}, the "
+                        f"SAE in {sae_dir} d_in={sae.d_in}")
+    return trial, sae_dir, how, sae, shards, lm
+
+
+def run(cfg: Config) -> dict:
+    """Analyse one trial's SAE into <out>/analysis/<trial>/ (module doc); -> summary dict
+    (with "index": the feature browser's index.html)."""
+    a, t0 = cfg.analysis, time.perf_counter()
+    trial, sae_dir, how, sae, shards, lm = check(cfg)
     logger.info("analysis: %s (%s), %d features", trial, how, sae.n_features)
     pieces = plan_pieces(shards, a.max_rows)
     n_tasks = a.n_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -24,6 +24,7 @@ import ray
 import torch
 
 from mono import store
+from mono.errors import MissingInput, UserError
 
 # Domain tag for np.random.default_rng([seed, tag, ...]) of the reading order; mono.acts
 # uses 1 (positions) and 2 (shard shuffles), so the streams stay unrelated.
@@ -46,8 +47,8 @@ def shard_list(source) -> dict:
                         "H": m["H"], "row_group_rows": m["row_group_rows"]}
         files = store.list_files(source)
     if not files:
-        raise FileNotFoundError(f"no activation shards in {source!r}: run "
-                                f"`python -m ray_jobs.collect_acts` first")
+        raise MissingInput(f"no activation shards in {source!r}: run "
+                           f"`python -m ray_jobs.collect_acts` first")
     infos = [store.acts_shard_info(f) for f in files]
     fs, p = store.resolve(files[0])
     with fs.open_input_file(p) as fh:
@@ -55,6 +56,28 @@ def shard_list(source) -> dict:
     return {"files": files, "rows": [i["rows"] for i in infos],
             "dtype": store.acts_dtype(schema), "H": schema.field("acts").type.shape[0],
             "row_group_rows": max(max(i["row_groups"], default=1) for i in infos)}
+
+
+def check_shards(shards: dict) -> None:
+    """Raise UserError naming the first shard of `shards` (a `shard_list`) that is missing,
+    not Parquet, or holds other rows than listed: one footer read per shard, 16 at a time
+    (two requests each on object storage), so a damaged dataset stops a job before Ray
+    starts rather than a trial or task mid-run."""
+    def problem(path: str, rows: int) -> str | None:
+        try:
+            found = store.acts_shard_info(path)["rows"]
+        except FileNotFoundError:
+            return f"activation shard {path} is missing"
+        except (OSError, ValueError) as err:  # pyarrow: ArrowInvalid, ArrowIOError
+            return f"corrupt activation shard {path}: {err}"
+        if found != rows:
+            return f"activation shard {path} holds {found} rows, its manifest says {rows}"
+        return None
+
+    with ThreadPoolExecutor(16) as pool:
+        for msg in pool.map(problem, shards["files"], shards["rows"]):
+            if msg:
+                raise UserError(f"{msg}: rerun `python -m ray_jobs.collect_acts` to rewrite it")
 
 
 def _open(path: str) -> pq.ParquetFile:

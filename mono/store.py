@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mono.errors import MissingInput, UserError
+
 # --- filesystems -----------------------------------------------------------------------
 
 
@@ -199,7 +201,7 @@ def table_tokens(table: pa.Table):
 def token_files(out: str, split: str) -> list[str]:
     files = list_files(Layout(out).tokens(split))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no token shards in {Layout(out).tokens(split)}: run "
             f"`python -m ray_jobs.tokenize_corpus --out {out}` first"
         )
@@ -208,10 +210,10 @@ def token_files(out: str, split: str) -> list[str]:
 
 def read_manifest(path: str, what: str, stage: str, job: str, out: str) -> dict:
     """A stage's manifest.json (written last: its absence means the stage did not finish);
-    a missing one raises FileNotFoundError naming the job that writes it."""
+    a missing one raises MissingInput naming the job that writes it."""
     if not exists(path):
-        raise FileNotFoundError(f"no {what} manifest at {path}: {stage} did not finish; run "
-                                f"`python -m ray_jobs.{job} --out {out}`")
+        raise MissingInput(f"no {what} manifest at {path}: {stage} did not finish; run "
+                           f"`python -m ray_jobs.{job} --out {out}`")
     return read_json(path)
 
 
@@ -486,14 +488,14 @@ def lm_config(lm_dir: str):
 
     path = join(lm_dir, LM_CFG)
     if not exists(path):
-        raise FileNotFoundError(f"no LM checkpoint in {lm_dir} (missing {LM_CFG}): run "
-                                f"`python -m ray_jobs.train_lm` first")
+        raise MissingInput(f"no LM checkpoint in {lm_dir} (missing {LM_CFG}): run "
+                           f"`python -m ray_jobs.train_lm` first")
     raw = read_json(path)
     return from_dict(LmConfig, raw["lm"] if "lm" in raw else raw)
 
 
 def check_lm_config(lm_dir: str, found, expect) -> None:
-    """Raise ValueError naming the fields where checkpoint config `found` differs from
+    """Raise UserError naming the fields where checkpoint config `found` differs from
     `expect` (both LmConfig); nothing when expect is None or they agree."""
     from dataclasses import asdict
 
@@ -501,8 +503,8 @@ def check_lm_config(lm_dir: str, found, expect) -> None:
         return
     a, b = asdict(found), asdict(expect)
     diff = ", ".join(f"{k}={a[k]!r} (asked {b[k]!r})" for k in a if a[k] != b[k])
-    raise ValueError(f"the LM checkpoint in {lm_dir} does not match the requested LmConfig: "
-                     f"{diff}")
+    raise UserError(f"the LM checkpoint in {lm_dir} does not match the requested LmConfig: "
+                    f"{diff}")
 
 
 def load_lm_dir(lm_dir: str, expect=None, device: str = "cpu"):
@@ -520,11 +522,11 @@ def load_lm_dir(lm_dir: str, expect=None, device: str = "cpu"):
         state = safetensors.torch.load(read_bytes(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (safetensors.SafetensorError, RuntimeError) as err:
-        raise ValueError(f"unreadable LM weights {path}: {err}") from err
+        raise UserError(f"unreadable LM weights {path}: {err}") from err
     if unexpected or set(missing) - {"lm_head.weight", "transformer.wte.weight"} or len(
             missing) > 1:
-        raise ValueError(f"LM weights {path} do not match {LM_CFG}: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise UserError(f"LM weights {path} do not match {LM_CFG}: missing {sorted(missing)}, "
+                        f"unexpected {sorted(unexpected)}")
     return model.to(device).eval()
 
 
@@ -547,7 +549,7 @@ def load_train_state(lm_dir: str) -> dict | None:
     try:
         return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        raise ValueError(f"unreadable LM train state {path}: {err}") from err
+        raise UserError(f"unreadable LM train state {path}: {err}") from err
 
 
 def read_lm_metrics(out: str) -> dict:

@@ -54,6 +54,7 @@ from ray import tune
 
 from mono import pages, resample, store, train_sae
 from mono.config import Config
+from mono.errors import BadOutput, MissingInput, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +103,14 @@ def _identity(cfg: Config) -> dict:
 
 
 def check_storage(path: str) -> None:
-    """Create `path` and write + delete a probe file there; ValueError if that fails."""
+    """Create `path` and write + delete a probe file there; BadOutput if that fails."""
     probe = store.join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         store.makedirs(path)
         store.write_bytes_atomic(probe, b"ok")
         store.delete(probe)
     except OSError as err:  # PermissionError, pyarrow's IO and credential errors
-        raise ValueError(f"sweep storage {path!r} is not writable: {err}") from err
+        raise BadOutput(f"sweep storage {path!r} is not writable: {err}") from err
 
 
 def check_inputs(cfg: Config) -> dict:
@@ -127,14 +128,19 @@ def check_inputs(cfg: Config) -> dict:
         now = json.loads(json.dumps(_identity(cfg)))
         diff = sorted(k for k in now if before.get(k) != now[k])
         if diff:
-            raise ValueError(f"the experiment {exp} was started with other settings "
-                             f"({', '.join(diff)} differ: {[before.get(k) for k in diff]} "
-                             f"then, {[now[k] for k in diff]} now); pick another "
-                             f"--sweep.name or delete it")
+            raise UserError(f"the experiment {exp} was started with other settings "
+                            f"({', '.join(diff)} differ: {[before.get(k) for k in diff]} "
+                            f"then, {[now[k] for k in diff]} now); pick another "
+                            f"--sweep.name or delete it")
     elif not restore and _trial_dirs(exp):
-        raise ValueError(f"{exp} holds trial directories but no restorable Tune state: "
-                         f"pick another --sweep.name or delete it")
+        raise UserError(f"{exp} holds trial directories but no restorable Tune state: "
+                        f"pick another --sweep.name or delete it")
     return {"experiment": exp, "restore": restore, "inputs": inputs}
+
+
+def check(cfg: Config) -> None:
+    """The job's input check before Ray starts (mono.cli): `check_inputs`."""
+    check_inputs(cfg)
 
 
 # --- one trial ---------------------------------------------------------------------------
@@ -295,7 +301,7 @@ def report(cfg: Config) -> dict:
     returns {"experiment", "trials_json", "report", "trials"}."""
     exp = experiment_dir(cfg)
     if not _trial_dirs(exp):
-        raise FileNotFoundError(f"no trials in {exp}: run the sweep first")
+        raise MissingInput(f"no trials in {exp}: run the sweep first")
     trials = index_trials(exp)
     return {"experiment": exp, "trials_json": store.join(exp, TRIALS_JSON),
             "report": pages.write_sweep_report(exp), "trials": trials}

@@ -667,6 +667,13 @@ def _writers(staging: str, tc: TokensConfig) -> dict:
             for s in ("train", "val")}
 
 
+def check(cfg: Config) -> None:
+    """The job's input check before Ray starts (mono.cli): the corpus exists and reads
+    (iter_documents' eager checks; an hf: dataset is only looked up by `run`)."""
+    if not cfg.tokens.corpus.startswith("hf:"):
+        iter_documents(cfg.tokens)
+
+
 def run(cfg: Config) -> dict:
     """Tokenize `cfg.tokens.corpus` into <cfg.out>/tokens; returns the manifest (module doc)."""
     tc, out = cfg.tokens, cfg.out

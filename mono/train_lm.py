@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from mono import store
 from mono.config import Config, LmConfig, TrainLmConfig, from_dict
+from mono.errors import UserError
 from mono.lm import Lm
 
 logger = logging.getLogger(__name__)
@@ -319,8 +320,8 @@ def _step(ddp: nn.Module, model: Lm, opt, rows: np.ndarray, idx: np.ndarray,
 
 def _check_shapes(cfg: Config, T: int) -> None:
     if T > cfg.lm.block_size:
-        raise ValueError(f"the token shards of {cfg.out} hold contexts of {T} tokens, longer "
-                         f"than lm.block_size={cfg.lm.block_size}")
+        raise UserError(f"the token shards of {cfg.out} hold contexts of {T} tokens, longer "
+                        f"than lm.block_size={cfg.lm.block_size}")
 
 
 def _restore(model: Lm, opt, state: dict, cfg: Config, lm_dir: str) -> tuple[int, list]:
@@ -401,11 +402,16 @@ def check_inputs(cfg: Config) -> dict:
     _check_shapes(cfg, manifest["ctx_len"])
     for split in ("train", "val"):
         if not manifest["splits"][split]["rows"]:
-            raise ValueError(f"the {split} split of {cfg.out}/tokens has no context windows")
+            raise UserError(f"the {split} split of {cfg.out}/tokens has no context windows")
     lm_dir = store.Layout(cfg.out).lm
     if store.exists(store.join(lm_dir, store.LM_CFG)):
         store.check_lm_config(lm_dir, store.lm_config(lm_dir), cfg.lm)
     return manifest
+
+
+def check(cfg: Config) -> None:
+    """The job's input check before Ray starts (mono.cli): `check_inputs`."""
+    check_inputs(cfg)
 
 
 def run(cfg: Config) -> dict:

@@ -111,8 +111,9 @@ from tqdm import tqdm
 from mono import store
 from mono.acts import IDENTITY_KEYS, lm_checksum
 from mono.config import Config, SaeConfig
+from mono.errors import UserError
 from mono.lm import Lm
-from mono.reader import ActsReader, LocalShardSource
+from mono.reader import ActsReader, LocalShardSource, check_shards, shard_list
 from mono.resample import ResampleSource, resample
 from mono.sae import SparseAutoencoder, Trainer
 
@@ -144,26 +145,28 @@ def acts_checksum(manifest: dict) -> str:
 
 
 def check_inputs(cfg: Config) -> dict:
-    """Validate the shards, the LM and the val split before training: returns
+    """Validate the shards (manifest, footers), the LM and the val split before training
+    (UserError naming the file or value): returns
     {H, rows, acts_sha256, lm_sha256, ctx_len, manifest}."""
     manifest = store.acts_manifest(cfg.out)
     H, where = manifest["H"], store.Layout(cfg.out).acts_manifest
     if H != cfg.lm.d_mlp:
-        raise ValueError(f"activation shards in {where} are {H} wide, but lm.d_mlp is "
-                         f"{cfg.lm.d_mlp}: the SAE input width must match the LM's MLP")
+        raise UserError(f"activation shards in {where} are {H} wide, but lm.d_mlp is "
+                        f"{cfg.lm.d_mlp}: the SAE input width must match the LM's MLP")
     lm_sha = lm_checksum(cfg.out)
     if manifest["lm_sha256"] != lm_sha:
-        raise ValueError(f"activation shards in {where} come from another LM (sha256 "
-                         f"{manifest['lm_sha256'][:12]}) than {store.Layout(cfg.out).lm} "
-                         f"({lm_sha[:12]}): rerun collect_acts")
+        raise UserError(f"activation shards in {where} come from another LM (sha256 "
+                        f"{manifest['lm_sha256'][:12]}) than {store.Layout(cfg.out).lm} "
+                        f"({lm_sha[:12]}): rerun collect_acts")
     rows = manifest["rows"]
     if rows < cfg.sae.batch_size:
-        raise ValueError(f"{rows} activation rows in {where} make no batch of "
-                         f"sae.batch_size={cfg.sae.batch_size}")
+        raise UserError(f"{rows} activation rows in {where} make no batch of "
+                        f"sae.batch_size={cfg.sae.batch_size}")
+    check_shards(shard_list(cfg.out))
     tm = store.tokens_manifest(cfg.out)
     if tm["splits"]["val"]["rows"] == 0:
-        raise ValueError(f"no val contexts in {store.Layout(cfg.out).tokens('val')}: the eval "
-                         f"needs held-out contexts (raise tokens.val_fraction)")
+        raise UserError(f"no val contexts in {store.Layout(cfg.out).tokens('val')}: the eval "
+                        f"needs held-out contexts (raise tokens.val_fraction)")
     return {"H": H, "rows": rows, "acts_sha256": acts_checksum(manifest), "lm_sha256": lm_sha,
             "ctx_len": tm["ctx_len"], "manifest": manifest}
 
@@ -184,7 +187,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("sae.device='cuda' but CUDA is not available")
+        raise UserError("sae.device='cuda' but CUDA is not available")
     return torch.device(name)
 
 
@@ -454,7 +457,7 @@ def load_sae(sae_dir: str, device: str = "cpu") -> tuple[SparseAutoencoder, dict
             info = json.loads(fh.read())
         weights = safetensors.torch.load_file(os.path.join(sae_dir, SAE_WEIGHTS))
     except (OSError, ValueError, safetensors.SafetensorError) as err:
-        raise ValueError(f"unreadable SAE export {sae_dir}: {err}") from err
+        raise UserError(f"unreadable SAE export {sae_dir}: {err}") from err
     sae = SparseAutoencoder(info["d_in"], info["n_features"], info["l1_coeff"], device=device)
     _load_weights(sae, weights, sae_dir)
     return sae.eval(), info
@@ -464,8 +467,8 @@ def _load_weights(sae: SparseAutoencoder, weights: dict[str, Tensor], where: str
     want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if want != got:
-        raise ValueError(f"SAE weights in {where} have shapes {got}, expected {want} "
-                         f"(n_features={sae.n_features}, H={sae.d_in})")
+        raise UserError(f"SAE weights in {where} have shapes {got}, expected {want} "
+                        f"(n_features={sae.n_features}, H={sae.d_in})")
     sae.load_state_dict(weights)
 
 

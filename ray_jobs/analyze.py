@@ -8,19 +8,21 @@
 --trial: a trial name of <out>/sweep/<name>/trials.json or an SAE export dir; by default the
 sweep's best loss_recovered among trials with L0 <= --target_l0 (else the best overall,
 with a note), or <out>/sae_single/sae without a sweep. Prints the index.html to open.
+No SAE to analyse, missing or corrupt activation shards, or an SAE, shards and LM of
+different widths are reported before Ray starts, as one line (exit status 2; --traceback
+shows the stack).
 """
-
-import logging
 
 import ray
 
 from mono import cli, features
 
+PROG = "python -m ray_jobs.analyze"
 SECTIONS = ("analysis",)
 
 
 def main(argv: list[str] | None = None, init=None) -> dict:
-    cfg = cli.parse(argv, "python -m ray_jobs.analyze", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=features.check)
     summary = features.run(cfg)
     classes = ", ".join(f"{n} {c}" for c, n in summary["classes"].items())
     print(f"analysis: {summary['trial']} ({summary['chosen']}): {summary['n_features']} "
@@ -31,5 +33,4 @@ def main(argv: list[str] | None = None, init=None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

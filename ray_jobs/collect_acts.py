@@ -6,19 +6,21 @@
         --out s3://BUCKET/mono/paper --max_actors 8
 
 Rerunning into the same --out resumes: finished shards are kept, the rest are written.
+Missing or corrupt token shards, a missing LM or one of another LmConfig (e.g. its d_mlp),
+and --tokens_per_context / --n_contexts the shards cannot give are reported before Ray
+starts, as one line (exit status 2; --traceback shows the stack).
 """
-
-import logging
 
 import ray
 
 from mono import acts, cli
 
+PROG = "python -m ray_jobs.collect_acts"
 SECTIONS = ("acts",)
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.collect_acts", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=acts.check)
     manifest = acts.run(cfg)
     print(f"activation shards: {manifest['rows']} rows ({manifest['n_contexts']} contexts x "
           f"{manifest['tokens_per_context']}, H={manifest['H']} {manifest['dtype']}), "
@@ -28,5 +30,4 @@ def main(argv: list[str] | None = None, init=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

@@ -15,20 +15,27 @@ needs the one before it, so the chain stops at the first stage whose module (mon
 mono.train_lm, mono.acts, mono.sweep, mono.features) is not there yet; a stage that fails
 stops the pipeline with its error. Rerunning resumes the stages that support it (train_lm,
 collect_acts, sweep_sae).
+
+Errors: --out and the first stage's inputs (the corpus) are checked before Ray starts; each
+later stage's inputs exist only once the stage before it ran, so its check
+(mono.<module>.check) runs when the chain reaches it. A bad input stops the pipeline with one
+line naming the stage, `python -m ray_jobs.pipeline: error: stage collect_acts: ...`
+(exit status 2; --traceback shows the stack).
 """
 
 import importlib
 import importlib.util
-import logging
 import time
 
 import pyarrow.fs as pafs
 import ray
 
 from mono import cli, store
+from mono.errors import UserError
 
+PROG = "python -m ray_jobs.pipeline"
 SECTIONS = ("tokens", "lm", "train_lm", "acts", "sae", "sweep", "analysis")
-STAGES = (  # (job name, library module with run(cfg))
+STAGES = (  # (job name, library module with run(cfg) and check(cfg))
     ("tokenize", "tokens"),
     ("train_lm", "train_lm"),
     ("collect_acts", "acts"),
@@ -74,6 +81,29 @@ def _stage_run(module: str):
     return getattr(importlib.import_module(f"mono.{module}"), "run", None)
 
 
+def _stage_check(module: str):
+    """mono.<module>.check (its inputs, cheap, without Ray), or None where there is none."""
+    if importlib.util.find_spec(f"mono.{module}") is None:
+        return None
+    return getattr(importlib.import_module(f"mono.{module}"), "check", None)
+
+
+def _in_stage(stage: str, fn, cfg):
+    """fn(cfg); a UserError it raises comes back naming the stage."""
+    try:
+        return fn(cfg)
+    except UserError as err:
+        base = cli.user_error(err)
+        raise type(base)(f"stage {stage}: {base}") from err
+
+
+def check_stage(stage: str, module: str, cfg) -> None:
+    """Run the stage's input check, if its module has one (a UserError names the stage)."""
+    check = _stage_check(module)
+    if check is not None:
+        _in_stage(stage, check, cfg)
+
+
 def _size(n: int) -> str:
     if n < 1024:
         return f"{n} B"
@@ -85,7 +115,8 @@ def _size(n: int) -> str:
 
 def main(argv: list[str] | None = None, init=None) -> list[dict]:
     """Run the stages; returns one dict per stage: stage, ran, seconds, dir, files, bytes."""
-    cfg = cli.parse(argv, "python -m ray_jobs.pipeline", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init,
+                    check=lambda c: check_stage(*STAGES[0], c))  # later ones: when reached
     store.write_json(store.Layout(cfg.out).cfg, cfg.to_dict())
     print(f"pipeline: {cfg.out} (config in {store.Layout(cfg.out).cfg})")
     results, missing, t_all = [], None, time.perf_counter()
@@ -98,7 +129,9 @@ def main(argv: list[str] | None = None, init=None) -> list[dict]:
             continue
         print(f"\n=== [{i}/{len(STAGES)}] {stage}: mono.{module}.run ===", flush=True)
         t0 = time.perf_counter()
-        out = run(cfg)
+        if i > 1:  # the first was checked before Ray started
+            check_stage(stage, module, cfg)
+        out = _in_stage(stage, run, cfg)
         seconds = time.perf_counter() - t0
         if isinstance(out, dict) and "report" in out:  # the sweep's HTML report
             print(f"sweep report: {out['report']}")
@@ -127,5 +160,4 @@ def _print_summary(results: list[dict], cfg, total_s: float) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

@@ -12,15 +12,18 @@ then overridden by the grid). Writes <out>/sweep/<name>/ (or --storage_path/<nam
 trial dir per grid point with its sae/ export, trials.json, report/index.html. Running the
 same command again resumes an interrupted sweep (finished trials are kept).
 --report-only rebuilds trials.json and the report from the trial dirs, without Ray.
+Missing or mismatched inputs (no activation manifest, a corrupt shard, shards of another
+LM, an experiment started with other settings, unwritable storage) are reported before
+Ray starts, as one line `python -m ray_jobs.sweep_sae: error: ...` (exit status 2).
 """
 
 import argparse
-import logging
 
 import ray
 
 from mono import cli, sweep
 
+PROG = "python -m ray_jobs.sweep_sae"
 SECTIONS = ("sweep", "sae")
 
 
@@ -28,11 +31,10 @@ def main(argv: list[str] | None = None, init=None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--report-only", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    cfg = cli.parse(rest, "python -m ray_jobs.sweep_sae", __doc__, SECTIONS, init=init)
-    try:
-        summary = sweep.report(cfg) if known.report_only else sweep.run(cfg)
-    except (ValueError, FileNotFoundError) as err:  # bad input: checked before any trial
-        raise SystemExit(f"sweep_sae: error: {err}") from err
+    # --report-only reads the trial dirs only: no input check, no Ray
+    cfg = cli.parse(rest, PROG, __doc__, SECTIONS, init=None if known.report_only else init,
+                    check=None if known.report_only else sweep.check)
+    summary = sweep.report(cfg) if known.report_only else sweep.run(cfg)
     print(f"{'trial':<44}{'status':<12}{'L0':>8}{'loss rec.':>11}{'EV':>8}"
           f"{'dead (train/eval)':>19}")
     for t in summary["trials"]:
@@ -46,5 +48,4 @@ def main(argv: list[str] | None = None, init=None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

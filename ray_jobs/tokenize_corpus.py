@@ -7,19 +7,21 @@
 
 --corpus: '' (the embedded offline default), a text file (blank lines separate documents), a
 glob, a directory, a .parquet/.jsonl file with --text_column, or hf:NAME[:CONFIG].
+A missing or unreadable corpus (or one without --text_column) and an --out that is a file
+or not writable are reported before Ray starts, as one line `... error: ...` (exit status 2;
+--traceback shows the stack); an hf: dataset is looked up once Ray runs.
 """
-
-import logging
 
 import ray
 
 from mono import cli, tokens
 
+PROG = "python -m ray_jobs.tokenize_corpus"
 SECTIONS = ("tokens",)
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.tokenize_corpus", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=tokens.check)
     manifest = tokens.run(cfg)
     rows, docs = manifest["rows"], manifest["docs"]
     print(f"tokens: {rows['train']} train / {rows['val']} val contexts of {manifest['ctx_len']} "
@@ -29,5 +31,4 @@ def main(argv: list[str] | None = None, init=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

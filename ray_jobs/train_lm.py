@@ -5,20 +5,22 @@
     ray job submit --working-dir . -- python -m ray_jobs.train_lm --preset paper \
         --out s3://BUCKET/mono/paper --num_workers 8 --use_gpu
 
-Rerunning the same command resumes from the last checkpoint in <out>/lm.
+Rerunning the same command resumes from the last checkpoint in <out>/lm. Missing token
+shards, contexts longer than --block_size, or an <out>/lm checkpoint of another LmConfig
+(e.g. its d_mlp) are reported before Ray starts, as one line (exit status 2; --traceback
+shows the stack).
 """
-
-import logging
 
 import ray
 
 from mono import cli, train_lm
 
+PROG = "python -m ray_jobs.train_lm"
 SECTIONS = ("lm", "train_lm")
 
 
 def main(argv: list[str] | None = None, init=None):
-    cfg = cli.parse(argv, "python -m ray_jobs.train_lm", __doc__, SECTIONS, init=init)
+    cfg = cli.parse(argv, PROG, __doc__, SECTIONS, init=init, check=train_lm.check)
     m = train_lm.run(cfg)
     print(f"LM: val loss {m['val_loss']:.4f} nats after {m['step']} steps ({m['tokens']:,} "
           f"tokens) vs unigram baselines on the same val targets: entropy "
@@ -29,5 +31,4 @@ def main(argv: list[str] | None = None, init=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(init=ray.init)
+    cli.main(main, PROG, init=ray.init)

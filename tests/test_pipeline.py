@@ -32,7 +32,8 @@ def _corpus(path, n_docs=64, seed=0):
 
 
 def _stub_stages(monkeypatch, present: set[str]):
-    """Pretend only `present` stage modules exist; each records its call and the cfg."""
+    """Pretend only `present` stage modules exist (without input checks); each records its
+    call and the cfg."""
     calls = []
 
     def fake_run(module):
@@ -42,6 +43,7 @@ def _stub_stages(monkeypatch, present: set[str]):
 
     monkeypatch.setattr(pipeline, "_stage_run",
                         lambda module: fake_run(module) if module in present else None)
+    monkeypatch.setattr(pipeline, "_stage_check", lambda module: None)
     return calls
 
 

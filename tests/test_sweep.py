@@ -17,6 +17,7 @@ import pytest
 from mono import pages, resample, store, train_lm
 from mono.acts import run as collect
 from mono.config import PRESETS, with_overrides
+from mono.errors import BadOutput, MissingInput, UserError
 from ray_jobs import sweep_sae
 
 T, N_TRAIN, N_VAL = 64, 256, 8
@@ -177,7 +178,7 @@ def test_rerun_restores_an_interrupted_sweep_without_redoing_finished_trials(
     assert (open(store.join(done, "result.json")).read(), sorted(os.listdir(done))) == before
     assert len(reports(first["done"])) == 2
 
-    with pytest.raises(SystemExit, match="started with other settings"):
+    with pytest.raises(UserError, match="started with other settings"):
         sweep_sae.main(argv(run_dir, "restore", "--l1_coeff", "1e-3", "--lr", "1e-3"))
 
 
@@ -189,9 +190,9 @@ def test_bad_input_fails_before_any_trial(run_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match="is not writable"):
+    with pytest.raises(BadOutput, match="is not writable"):
         sweep_sae.main(argv(run_dir, "bad", "--storage_path", str(blocker / "sub")))
-    with pytest.raises(SystemExit, match="no activation manifest"):
+    with pytest.raises(MissingInput, match="no activation manifest"):
         sweep_sae.main(argv(str(tmp_path / "empty"), "bad"))
     assert not os.path.exists(store.join(run_dir, "sweep", "bad"))
 
