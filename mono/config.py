@@ -234,6 +234,15 @@ class SaeConfig:
     device: str = "auto"
     """cpu, cuda or auto."""
 
+    @property
+    def window_starts(self) -> tuple[int, ...]:
+        """The step each resample's dead window opens at (sorted like resample_at):
+        `dead_window` steps before it, but never before the previous resample (or step 0).
+        One window per pending resample, so a window longer than the gap between two
+        resamples starts right after the first instead of overlapping it."""
+        steps = sorted(self.resample_at)
+        return tuple(max(prev, s - self.dead_window) for prev, s in zip([0, *steps], steps))
+
     def __post_init__(self):
         _positive(self, "n_features", "l1_coeff", "lr", "batch_size", "dead_window",
                   "resample_inputs", "geom_median_samples", "shuffle_buffer",
@@ -505,7 +514,11 @@ PRESETS: dict[str, Config] = {
         tokens=TokensConfig(corpus="hf:Skylion007/openwebtext", ctx_len=1024,
                             val_fraction=0.0005),
         # GPU nodes of cluster.yaml (8 CPUs, 1 GPU): 6 CPUs write shards while the GPU runs.
-        acts=ActsConfig(tokens_per_context=200, n_contexts=2_000_000, batch_contexts=64,
+        # 5.12 M contexts x 200 = 1.024 B rows = 125 k SAE steps of 8192 in one pass: all four
+        # of the paper's resamples (25 k ... 100 k) run, with 25 k steps after the last (2 M
+        # contexts gave 48.8 k steps: three never ran). OpenWebText holds ~8.8 M contexts of
+        # 1024 tokens.
+        acts=ActsConfig(tokens_per_context=200, n_contexts=5_120_000, batch_contexts=64,
                         use_gpu=True, cpus_per_actor=6),
         train_lm=TrainLmConfig(use_gpu=True),
         sae=SaeConfig(device="auto"),

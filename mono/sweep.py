@@ -118,6 +118,8 @@ def check_inputs(cfg: Config) -> dict:
     existing experiment of that name that matches this config. Returns
     {"experiment", "restore": bool, "inputs"}."""
     inputs = train_sae.check_inputs(cfg)
+    # the schedule's warnings once on the driver, not only in every trial's log
+    train_sae.check_schedule(cfg.sae, train_sae.plan_steps(cfg.sae, inputs["rows"])[0])
     exp = experiment_dir(cfg)
     check_storage(exp)
     restore = tune.Tuner.can_restore(exp)

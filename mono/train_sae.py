@@ -26,15 +26,19 @@ first `geom_median_samples` rows of that same stream (paper; the seed skipped it
 init too is identical across a sweep and costs one window read.
 
 Resampling (paper appendix; mono.resample): a window opens `dead_window` steps before each
-step in `resample_at`; right after that step (and after its eval, so the metrics describe
-the trained weights), every feature that did not fire on any training batch in the window
-is resampled from `resample_inputs` fresh rows of `source` (at most the dataset's rows). A
-resample step equal to the run's last step is skipped (its fresh features would go
-untrained into the export); a resumed, longer run performs it first. The default source
-draws uniform rows from the shards with a generator seeded by (seed, step), so a resumed run
-draws the same rows; a sweep passes its shared ResamplePool, whose draws are only as
-repeatable as the pool. Right after a resample, reconstructions spike (the new encoder rows
-fire hard on outlier inputs: the paper's "loss spikes"); they settle within ~100 steps.
+step in `resample_at`, but never before the previous resample (`SaeConfig.window_starts`:
+one window per pending resample; a window longer than the gap between two resamples is cut
+short, with a warning, instead of overlapping the previous one); right after that step (and
+after its eval, so the metrics describe the trained weights), every feature that did not
+fire on any training batch in the window is resampled from `resample_inputs` fresh rows of
+`source` (at most the dataset's rows). A resample step equal to the run's last step is
+skipped (its fresh features would go untrained into the export); a resumed, longer run
+performs it first. Resample steps at or past the run's last step warn (`check_schedule`).
+The default source draws uniform rows from the shards with a generator seeded by (seed,
+step), so a resumed run draws the same rows; a sweep passes its shared ResamplePool, whose
+draws are only as repeatable as the pool. Right after a resample, reconstructions spike
+(the new encoder rows fire hard on outlier inputs: the paper's "loss spikes"); they settle
+within ~100 steps.
 
 Eval, every `eval_interval` steps and at the end, on a fixed held-out set: the first
 `eval_contexts` contexts of the val token split, every one of their T positions. One LM pass
@@ -178,6 +182,27 @@ def plan_steps(sc: SaeConfig, rows: int) -> tuple[int, int]:
     logger.warning("sae.n_steps=%d needs %.2f passes over the %d activation rows: rows repeat "
                    "(the paper trains on each row once)", steps, steps / per_pass, rows)
     return steps, 0
+
+
+def check_schedule(sc: SaeConfig, n_steps: int) -> list[str]:
+    """Warn (and return the warnings) about a resampling schedule that will not run as
+    written: windows cut short by the previous resample, resample steps at or past the
+    run's last step (they never happen in this run)."""
+    steps, out = sorted(sc.resample_at), []
+    short = [s for s, w in zip(steps, sc.window_starts)
+             if s - w < sc.dead_window]
+    if short:
+        out.append(f"sae.dead_window={sc.dead_window} is longer than the gap before the "
+                   f"resamples at {short}: their windows start at the previous resample "
+                   f"(or step 0)")
+    late = [s for s in steps if s >= n_steps]
+    if late:
+        out.append(f"sae.resample_at steps {late} are at or past this run's last step "
+                   f"{n_steps}: they will not run (raise sae.n_steps or collect more "
+                   f"activation rows: {n_steps} steps x sae.batch_size {sc.batch_size})")
+    for message in out:
+        logger.warning(message)
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -526,12 +551,9 @@ class SaeRun:
         # Windows open for every resample step, even past n_steps: a later resume with more
         # steps then finds the same masks a straight run has.
         self.resample_at = set(sc.resample_at)
-        self.window_at = {max(0, s - sc.dead_window) for s in sc.resample_at}
+        self.window_at = set(sc.window_starts)
         steps = sorted(sc.resample_at)
-        if any(b - sc.dead_window < a for a, b in zip(steps, steps[1:])):
-            logger.warning("sae.dead_window=%d is longer than the gap between resamples %s: "
-                           "each window starts after the previous resample", sc.dead_window,
-                           steps)
+        check_schedule(sc, self.n_steps)
         self.resample_inputs = min(sc.resample_inputs, self.inputs["rows"])
         if self.resample_inputs < sc.resample_inputs and steps and steps[0] < self.n_steps:
             logger.warning("sae.resample_inputs=%d > the %d activation rows: scoring all of "

@@ -93,6 +93,14 @@ def test_presets_keep_their_promises():
     assert (demo.lm.d_model, demo.lm.d_mlp) == (128, 512)              # paper-shaped LM
     assert (paper.lm.d_model, paper.lm.d_mlp, paper.tokens.ctx_len) == (128, 512, 1024)
     assert paper.acts.tokens_per_context == 200                        # seed: 200 of 1024
+    # one pass over the paper's data reaches all four resamples (25k ... 100k) and beyond
+    paper_steps = paper.acts.n_contexts * paper.acts.tokens_per_context // paper.sae.batch_size
+    assert paper.sae.resample_at == (25_000, 50_000, 75_000, 100_000)
+    assert paper_steps > max(paper.sae.resample_at) + paper.sae.dead_window
+    for p in (tiny, demo, paper):   # no preset's dead windows are cut short
+        starts = p.sae.window_starts
+        assert [s - w for s, w in zip(p.sae.resample_at, starts)] == [p.sae.dead_window] * len(
+            starts)
     assert preset("tiny") is tiny
     with pytest.raises(ValueError, match=r"unknown preset 'huge'.*tiny"):
         preset("huge")
