@@ -5,8 +5,8 @@ Reads <out>/acts/manifest.json and the part-*.parquet shards `mono.acts` writes 
 `mono.store`), or any list of such shards; writes nothing. Three views of the same rows:
 - `ActsReader`: float32 (N, H) batches in a deterministic, resumable, shard-mixing order
   (train_sae, features);
-- `LocalShardSource`: `sample(n)` uniform random rows without replacement (resampling, and
-  the sweep's ResamplePool actor behind the same interface);
+- `LocalShardSource`: `sample(n)` uniform random rows without replacement (a single run's
+  resampling; the sweep's shared draws come from `mono.resample.ResampleService`);
 - `read_dataset`: a Ray Dataset over the shards (bfloat16 decoded to float32).
 
 Shapes: N rows of a batch, H d_mlp.
@@ -256,8 +256,9 @@ class LocalShardSource:
     sample(n) draws n rows without replacement from the whole dataset (seeded by (seed,
     call number), or by its `seed` argument) and reads only the row groups that hold them,
     in parallel. Cost: ~min(n, row groups) row-group reads, so n of the order of the number
-    of row groups reads everything (paper: 97 k row groups); a long-lived pool (the sweep's
-    ResamplePool actor) amortises that. Returns (n, H) float32 numpy, rows in random order.
+    of row groups reads everything (paper: ~250 k row groups); the sweep's ResampleService
+    reads ~n / 512 groups per draw instead (a two-stage sample). Returns (n, H) float32
+    numpy, rows in random order.
     """
 
     def __init__(self, source, seed: int = 0, threads: int = 8):

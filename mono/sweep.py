@@ -15,19 +15,30 @@ path or an s3:// / gs:// URI, which multi-node clusters need):
     trials.json                      the index analysis reads (`index_trials`)
     report/index.html + PNGs         the sweep report (mono.pages.write_sweep_report)
 
-Each trial trains in its local Tune working directory and reports every eval to Tune
-(`tune.report` with `tune.Checkpoint.from_directory` of train_sae's checkpoint): the
-metrics, and the eval's log10 feature densities as an (F,) array, which Tune's TensorBoard
-logger writes as a histogram. A crashed trial is retried `max_failures` times from its last
+Each trial trains in its local Tune working directory and reports to Tune every
+`sae.report_interval` steps (the cheap scalars: train loss / MSE / L0 since the last
+report, dead fraction) and at every checkpoint (evals, checkpoint_interval, the end; with
+`tune.Checkpoint.from_directory` of train_sae's checkpoint and, at evals, every eval
+metric). `timesteps_total` is the SAE step, so TensorBoard and W&B plot against it; Tune's
+metric is HEADLINE (mode max), and every row carries the last eval's metrics (`eval_step`
+says which eval), so Tune's status table shows l1_coeff, lr, step, L0, loss recovered and
+dead throughout. Rows hold scalars only: the eval's log10 feature densities (F,) reach
+TensorBoard as a histogram that `DensityHistograms` writes on the driver from each eval
+checkpoint's density.npy. A retry repeats the reports between its checkpoint and the
+crash (same timesteps_total), and Tune restores the trial's result.json from its last sync
+to storage, so rows reported after that sync and before the crash are missing there.
+A crashed trial is retried `max_failures` times from its last
 reported checkpoint (FailureConfig); an interrupted experiment is restored by running the
 same command again (`Tuner.restore(resume_errored=True)`): finished trials are kept,
 unfinished and errored ones resume from their checkpoints. Every trial streams the shards
-in the order seeded by cfg.seed, so grid points see the same batches; resampling inputs
-come from one shared `ResamplePool` actor (mono.resample).
+in the order seeded by cfg.seed, so grid points see the same batches, and resample from
+the same inputs: one draw per resample step, seeded by (seed, step), that the
+experiment's `ResampleService` actor computes once and hands to every trial by reference
+(mono.resample; a retried trial gets the same draw).
 
 Resources: `cpus_per_trial` / `gpus_per_trial` per trial (fractional GPUs pack several SAEs
 on one GPU; memory is not isolated, so cap with max_concurrent_trials). Trials read Parquet
-with pyarrow threads, not Ray Data, so they need no spare CPU slots; the pool takes none.
+with pyarrow threads, not Ray Data, so they need no spare CPU slots; the service takes none.
 With gpus_per_trial = 0, sae.device "auto" means cpu (a trial must not grab a GPU it was
 not given).
 
@@ -39,6 +50,7 @@ sweep.name). trials.json and the report are written at the end of `run` and by `
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -67,7 +79,14 @@ not the driver's): the fault switches of the tests."""
 PUBLISHED = (train_sae.METRICS, train_sae.HISTORY, train_sae.DENSITY_PNG)
 """Files of a finished trial's workdir copied next to its sae/ (plus density.npy)."""
 DENSITY_FLOOR = -10.0
-"""log10 density reported for features that never fired (JSON has no -inf)."""
+"""log10 density written for features that never fired (TensorBoard histograms)."""
+HEADLINE, FALLBACK = "loss_recovered_mean", "loss_recovered"
+"""Tune's metric (mode max): loss recovered against mean ablation (DESIGN.md: the sweep's
+headline); the paper's zero-ablation figure stands in where train_sae lacks the first."""
+STATUS_COLUMNS = {"train_l0": "L0", HEADLINE: "loss rec.", "dead_fraction": "dead",
+                  "timesteps_total": "step"}
+"""The status table's metric columns (the classic CLIReporter; the default reporter shows
+the first four scalars of each result, which `trial_result` orders the same way)."""
 
 
 # --- where things are --------------------------------------------------------------------
@@ -146,8 +165,9 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
     """Tune function trainable: train the SAE of grid point `config` (l1_coeff, lr).
 
     Trains in the trial's local working directory, resuming from Tune's checkpoint when
-    there is one (a retry or a restore); reports every eval; at the end copies the export
-    and final metrics to <experiment>/<trial>/.
+    there is one (a retry or a restore); reports to Tune every report_interval steps and at
+    every checkpoint (`trial_result`); at the end copies the export and final metrics to
+    <experiment>/<trial>/.
     """
     os.environ.update(env)
     t_enter = time.perf_counter()
@@ -157,19 +177,61 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
         start = _checkpoint_step(resume)
-        setup = {}
+        last_eval, setup = {}, {}
 
-        def on_eval(metrics: dict, checkpoint_dir: str) -> None:
-            if not setup:  # entry -> first training step, this attempt (see _setup_s)
-                setup["s"] = _setup_s(metrics, start, time.perf_counter() - t_enter,
-                                      trial_cfg.sae.batch_size)
-            result = {**metrics, "setup_s": setup["s"],
-                      "log10_density": _log10_density(checkpoint_dir)}
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        def on_report(result: dict, checkpoint_dir: str | None) -> None:
+            if "loss_sae" in result:  # an eval step
+                last_eval.clear()
+                last_eval.update(result)
+                if not setup:  # entry -> first training step, this attempt (see _setup_s)
+                    setup["s"] = _setup_s(result, start, time.perf_counter() - t_enter,
+                                          trial_cfg.sae.batch_size)
+            row = trial_result(result, last_eval) | ({"setup_s": setup["s"]} if setup else {})
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
+                        if checkpoint_dir else None)
 
         train_sae.train(trial_cfg, workdir, source=source, resume_from=resume,
-                        on_eval=on_eval)
+                        on_report=on_report)
     publish(workdir, store.join(experiment, name))
+
+
+def headline(metrics: dict) -> float:
+    """The sweep's headline from an eval's metrics: HEADLINE (loss recovered against mean
+    ablation), else FALLBACK (the paper's zero-ablation figure) while train_sae does not
+    compute it yet; NaN before the first eval."""
+    if HEADLINE in metrics:
+        return metrics[HEADLINE]
+    if FALLBACK in metrics:
+        if not _fallback_warned:
+            _fallback_warned.append(True)
+            logger.warning("sweep: train_sae reports no %s; Tune ranks trials by %s instead "
+                           "(reported under %s)", HEADLINE, FALLBACK, HEADLINE)
+        return metrics[FALLBACK]
+    return float("nan")
+
+
+_fallback_warned: list = []
+
+
+def trial_result(result: dict, last_eval: dict) -> dict:
+    """One Tune result row from train_sae's report: scalars only (never per-feature
+    arrays). The first keys are what Tune's status table shows beside l1_coeff, lr and ts
+    (= timesteps_total = the SAE step): train_l0, the headline of the last eval, the dead
+    fraction and train_loss; then the last eval's metrics (`eval_step` says which), and
+    the report's own."""
+    row = {"train_l0": result.get("train_l0", float("nan")),
+           HEADLINE: headline(last_eval), "dead_fraction": result["dead_fraction"],
+           "train_loss": result.get("train_loss", float("nan")),
+           "timesteps_total": result["step"]}
+    if last_eval:
+        row["eval_step"] = last_eval["step"]
+        row |= {k: v for k, v in last_eval.items() if k not in row and _scalar(v)}
+    row |= {k: v for k, v in result.items() if _scalar(v)}
+    return row
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (bool, int, float, np.integer, np.floating))
 
 
 def _checkpoint_step(path: str | None) -> int:
@@ -187,11 +249,54 @@ def _setup_s(metrics: dict, start: int, elapsed: float, batch_size: int) -> floa
     return max(0.0, elapsed - metrics.get("eval_s", 0.0) - train_s)
 
 
-def _log10_density(checkpoint_dir: str) -> np.ndarray:
-    """(F,) float32 log10 eval densities of a checkpoint (never-fired features at -10)."""
-    density = np.load(os.path.join(checkpoint_dir, train_sae.DENSITY))         # (F,)
+def log10_density(density: np.ndarray) -> np.ndarray:
+    """(F,) float32 log10 of eval densities (F,) (never-fired features at DENSITY_FLOOR)."""
     with np.errstate(divide="ignore"):
         return np.maximum(np.log10(density), DENSITY_FLOOR).astype(np.float32)
+
+
+class DensityHistograms(tune.Callback):
+    """Driver-side: each eval checkpoint's log10 feature densities as a TensorBoard
+    histogram in the trial dir (beside Tune's scalars, x = the SAE step), read from the
+    checkpoint's density.npy, so the (F,) array never enters a result row (result.json,
+    progress.csv, the experiment state)."""
+
+    def __init__(self):
+        self._writers: dict = {}
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        fs, path = checkpoint.filesystem, checkpoint.path
+        with fs.open_input_file(f"{path}/{train_sae.STATE}") as fh:
+            state = json.loads(fh.read())
+        history = state.get("history") or [{}]
+        if history[-1].get("step") != state["step"]:  # not an eval step: nothing new
+            return
+        with fs.open_input_file(f"{path}/{train_sae.DENSITY}") as fh:
+            density = np.load(io.BytesIO(fh.read()))                           # (F,)
+        writer = self._writers.get(trial.trial_id)
+        if writer is None:
+            from tensorboardX import SummaryWriter  # Tune's own TensorBoard dependency
+
+            trial.init_local_path()
+            writer = SummaryWriter(trial.local_path, filename_suffix=".density")
+            self._writers[trial.trial_id] = writer
+        writer.add_histogram("ray/tune/log10_density", log10_density(density),
+                             global_step=state["step"])
+        writer.flush()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def _close(self, trial) -> None:
+        writer = self._writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment
+        return {"_writers": {}}
 
 
 def publish(workdir: str, dest: str) -> None:
@@ -225,12 +330,16 @@ def run(cfg: Config) -> dict:
     if not restoring:
         store.write_json(store.join(exp, SWEEP_JSON),
                          {"identity": _identity(cfg), "config": cfg.to_dict()})
-    pool = resample.start_pool(cfg.out, resample.pool_name(exp), cfg.sweep.pool_rows,
-                               cfg.seed, cfg.sweep.pool_rows_per_group)
+    inputs = checked["inputs"]
+    n_steps = train_sae.plan_steps(cfg.sae, inputs["rows"])[0]
+    service = resample.start_service(
+        cfg.out, resample.service_name(exp), cfg.seed,
+        [s for s in cfg.sae.resample_at if s < n_steps],
+        min(cfg.sae.resample_inputs, inputs["rows"]), inputs["H"], cfg.sweep.draw_rows_per_group)
     env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, cfg=cfg, experiment=exp,
-                             source=resample.PoolClient(pool), env=env),
+                             source=resample.SharedDraw(service), env=env),
         {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
     if cfg.sweep.wandb:
         _wandb_offline()
@@ -242,8 +351,8 @@ def run(cfg: Config) -> dict:
             tuner = tune.Tuner(trainable, param_space=param_space(cfg),
                                tune_config=_tune_config(cfg), run_config=_run_config(cfg))
         tuner.fit()
-    finally:  # the pool is the driver's: free its memory now, not at driver exit
-        ray.kill(pool, no_restart=True)
+    finally:  # the service is the driver's: free its draws now, not at driver exit
+        ray.kill(service, no_restart=True)
     summary = report(cfg) | {"restored": restoring, "wall_s": time.perf_counter() - t0}
     bad = [t for t in summary["trials"] if t["status"] != "done"]
     if bad:
@@ -272,19 +381,27 @@ def _wandb_offline() -> dict:
 
 
 def _tune_config(cfg: Config) -> tune.TuneConfig:
-    return tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
+    return tune.TuneConfig(metric=HEADLINE, mode="max",
+                           max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
                            trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname)
 
 
 def _run_config(cfg: Config) -> tune.RunConfig:
-    callbacks = []
+    callbacks = [DensityHistograms()]
     if cfg.sweep.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         callbacks.append(WandbLoggerCallback(project="mono", group=cfg.sweep.name,
-                                             excludes=["log10_density"], **_wandb_offline()))
+                                             **_wandb_offline()))
+    # The classic table when RAY_AIR_NEW_OUTPUT=0 (otherwise Tune ignores it, with a warning)
+    reporter = None
+    if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") == "0":
+        reporter = tune.CLIReporter(metric_columns=STATUS_COLUMNS,
+                                    parameter_columns={"l1_coeff": "l1", "lr": "lr"},
+                                    metric=HEADLINE, mode="max")
     return tune.RunConfig(
         name=cfg.sweep.name, storage_path=storage_root(cfg), callbacks=callbacks,
+        progress_reporter=reporter,
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
 
