@@ -116,7 +116,7 @@ from mono import store
 from mono.acts import IDENTITY_KEYS, lm_checksum
 from mono.config import Config, SaeConfig
 from mono.lm import Lm
-from mono.reader import ActsReader, LocalShardSource
+from mono.reader import ActsReader, LocalShardSource, local_shards
 from mono.resample import ResampleSource, resample, source_at
 from mono.sae import SparseAutoencoder, Trainer
 
@@ -521,6 +521,7 @@ class SaeRun:
         if store.is_uri(workdir):
             raise ValueError(f"the SAE workdir must be a local path, got {workdir!r}")
         self.cfg, self.workdir, sc = cfg, workdir, cfg.sae
+        self.shards: list[str] | str | None = None   # set by the first _reader
         self.inputs = check_inputs(cfg)
         self.device = pick_device(sc.device)
         self.n_steps, self.epochs = plan_steps(sc, self.inputs["rows"])
@@ -569,7 +570,9 @@ class SaeRun:
         self.fail_at = _fail_switch()
 
     def _reader(self, batch_size: int, **kw) -> ActsReader:
-        return ActsReader(self.cfg.out, batch_size, seed=self.cfg.seed,
+        if self.shards is None:  # remote shards: read from this node's cache when they fit
+            self.shards = local_shards(self.cfg.out) or self.cfg.out
+        return ActsReader(self.shards, batch_size, seed=self.cfg.seed,
                           shuffle_buffer=self.cfg.sae.shuffle_buffer, **kw)
 
     def _init_b_dec(self) -> None:
