@@ -280,6 +280,10 @@ class SweepConfig:
     """Trials running at once (0 = as many as resources allow)."""
     max_failures: int = 2
     """Retries of a crashed trial from its last checkpoint."""
+    pack: int = 0
+    """SAEs per trial (mono.pack): grid points that differ only in l1_coeff and lr train in
+    packs of up to this many on one shared activation stream (one read per batch); 0 = as
+    many as fit the trial's device memory; 1 = one SAE per trial."""
     draw_rows_per_group: int = 512
     """Rows a resampling draw takes from each Parquet row group it reads: a draw of n rows
     reads ~n / this row groups instead of ~n (paper: 1.6 k groups for 819,200 rows)."""
@@ -297,7 +301,7 @@ class SweepConfig:
                     raise ValueError(f"SweepConfig.{name} values must be positive, got {v!r}")
         _positive(self, "draw_rows_per_group")
         _non_negative(self, "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
-                      "max_failures")
+                      "max_failures", "pack")
 
 
 @dataclass(frozen=True)
@@ -500,10 +504,11 @@ PRESETS: dict[str, Config] = {
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
                       eval_contexts=128, checkpoint_interval=600, report_interval=50),
-        # Two trials: both run at once on 2 cores (a third would wait for a free CPU). On the
-        # 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 -> L0 11.1,
-        # 0.964; 1e-2 -> L0 6.5, 0.897.
-        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,)),
+        # Two grid points, packed into one trial (sweep.pack 0: both fit in memory) that
+        # reads the stream once; its 2 CPUs give torch 2 threads for the members' steps. On
+        # the 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 ->
+        # L0 11.1, 0.964; 1e-2 -> L0 6.5, 0.897.
+        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,), cpus_per_trial=2.0),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the

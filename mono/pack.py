@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -110,7 +111,10 @@ class Pack:
     n_steps; `finish()` exports each one; `status` says done / failed per member."""
 
     def __init__(self, cfg: Config, members: list[dict], workdir: str, *,
-                 source: ResampleSource | None = None, batched: bool | None = None):
+                 source: ResampleSource | None = None, batched: bool | None = None,
+                 resume_from: str | None = None):
+        """resume_from: a dir of <name>/ checkpoints (or <name>/failed.json), as
+        `pack_checkpoint` assembles them; None = each member's workdir checkpoint."""
         if not members:
             raise ValueError("a pack needs at least one member")
         names = [member_name(m) for m in members]
@@ -124,13 +128,19 @@ class Pack:
         evalset: EvalSet | None = None
         for name, params in zip(names, members):
             member_dir = os.path.join(workdir, name)
-            failed = os.path.join(member_dir, FAILED)
-            if os.path.exists(failed):
-                self.status[name] = store.read_json(failed)
+            saved = os.path.join(resume_from, name) if resume_from else None
+            failed = [f for f in (os.path.join(member_dir, FAILED),
+                                  saved and os.path.join(saved, FAILED)) if f and os.path.exists(f)]
+            if failed:
+                self.status[name] = store.read_json(failed[0])
+                os.makedirs(member_dir, exist_ok=True)
+                store.write_json(os.path.join(member_dir, FAILED), self.status[name])
                 logger.warning("pack: %s failed before (%s): left out", name,
                                self.status[name]["error"])
                 continue
-            run = SaeRun(member_cfg(cfg, params), member_dir, source, None, evalset)
+            if saved is not None and not os.path.isdir(saved):
+                saved = None
+            run = SaeRun(member_cfg(cfg, params), member_dir, source, saved, evalset)
             evalset = run.evalset
             self.runs[name] = run
         live = list(self.runs.values())
@@ -178,14 +188,14 @@ class Pack:
             for name, run in due:
                 if name not in self.status:
                     self._guarded(name, run.after_step, reader)
-            if not self._live():
+            if not self.live():
                 break
             if at + 1 >= n_steps:
                 break
         for name, run in self.runs.items():
             if name not in self.status:
                 run.end()
-        if not self._live():
+        if not self.live():
             raise FloatingPointError(f"every member of the pack in {self.workdir} diverged: "
                                      f"{self.status}")
 
@@ -217,16 +227,17 @@ class Pack:
             store.write_json(os.path.join(run.workdir, FAILED), self.status[name])
             run.bar.close()
             logger.error("pack: member %s diverged at step %d; %d members go on: %s", name,
-                         run.step, len(self._live()), err)
+                         run.step, len(self.live()), err)
 
-    def _live(self) -> list[str]:
+    def live(self) -> list[str]:
+        """Names of the members still training (not failed)."""
         return [n for n in self.runs if n not in self.status]
 
     def finish(self) -> dict[str, dict]:
         """Export every live member; returns name -> {"status": "done", "metrics", "dir"}
         or the failed status."""
         out = dict(self.status)
-        for name in self._live():
+        for name in self.live():
             run = self.runs[name]
             out[name] = {"status": "done", "metrics": run.finish(run.history[-1]),
                          "dir": run.workdir}
@@ -247,6 +258,20 @@ def train_pack(cfg: Config, members: list[dict], workdir: str, *,
                 workdir)
     pack.fit(on_report)
     return pack.finish()
+
+
+def pack_checkpoint(dest: str, members: dict[str, str | None], workdir: str) -> str:
+    """Assemble one checkpoint dir for a whole pack: dest/<name>/ = a copy of each member's
+    checkpoint dir (members: name -> its path, None for a failed member, whose failed.json
+    is copied instead). Returns dest."""
+    os.makedirs(dest, exist_ok=True)
+    for name, path in members.items():
+        if path is not None:
+            shutil.copytree(path, os.path.join(dest, name))
+        else:
+            os.makedirs(os.path.join(dest, name), exist_ok=True)
+            shutil.copy(os.path.join(workdir, name, FAILED), os.path.join(dest, name, FAILED))
+    return dest
 
 
 def read_status(workdir: str, members: list[dict]) -> dict[str, str]:

@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -64,7 +65,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import pages, resample, store, train_sae
+from mono import pack, pages, resample, store, train_sae
 from mono.config import Config
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ DENSITY_FLOOR = -10.0
 HEADLINE, FALLBACK = "loss_recovered_mean", "loss_recovered"
 """Tune's metric (mode max): loss recovered against mean ablation (DESIGN.md: the sweep's
 headline); the paper's zero-ablation figure stands in where train_sae lacks the first."""
+DEFAULT_GPU_BYTES = 24 * 2**30
+"""GPU memory assumed by `pack_size` when the driver sees no GPU: cluster.yaml's g5 nodes
+(NVIDIA A10G, 24 GiB)."""
 STATUS_COLUMNS = {"train_l0": "L0", HEADLINE: "loss rec.", "dead_fraction": "dead",
                   "timesteps_total": "step"}
 """The status table's metric columns (the classic CLIReporter; the default reporter shows
@@ -104,8 +108,13 @@ def experiment_dir(cfg: Config) -> str:
 
 
 def trial_dirname(trial) -> str:
-    """Trial directory names: l1_<l1>_lr_<lr>_<trial id> (the grid point, readable)."""
+    """Trial directory names: l1_<l1>_lr_<lr>_<trial id> (the grid point, readable), or
+    pack<K>_l1_<l1>_lr_<lr>_<trial id> (a pack, by its first member)."""
     c = trial.config
+    if "pack" in c:
+        first = c["pack"][0]
+        return f"pack{len(c['pack'])}_l1_{first['l1_coeff']:g}_lr_{first['lr']:g}_" \
+               f"{trial.trial_id}"
     return f"l1_{c['l1_coeff']:g}_lr_{c['lr']:g}_{trial.trial_id}"
 
 
@@ -117,7 +126,8 @@ def _identity(cfg: Config) -> dict:
     sae = asdict(cfg.sae)
     sae.pop("device")
     return {"out": cfg.out, "seed": cfg.seed, "sae": sae, "name": cfg.sweep.name,
-            "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr)}
+            "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr),
+            "pack": cfg.sweep.pack}
 
 
 def check_storage(path: str) -> None:
@@ -195,6 +205,61 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
     publish(workdir, store.join(experiment, name))
 
 
+def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
+                     env: dict) -> None:
+    """Tune function trainable of a pack (config {"pack": [{l1_coeff, lr}, ...]}): the
+    members train on one stream (mono.pack) in the trial's working directory, resuming
+    from Tune's pack checkpoint (<name>/ per member); one Tune report per step at which
+    every live member reported (`pack_result`), with one checkpoint of all members; at
+    the end each member's export and metrics go to <experiment>/<trial>/sae/<name>/."""
+    os.environ.update(env)
+    name = os.path.basename(tune.get_context().get_trial_dir())
+    workdir = os.path.join(os.getcwd(), f"pack-{name}")
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
+        p = pack.Pack(cfg, config["pack"], workdir, source=source, resume_from=resume)
+        pending: dict[int, dict] = {}
+        last_eval: dict[str, dict] = {n: {} for n in p.runs}
+
+        def on_report(member: str, result: dict, checkpoint_dir: str | None) -> None:
+            if "loss_sae" in result:
+                last_eval[member] = result
+            step = result["step"]
+            pending.setdefault(step, {})[member] = (result, checkpoint_dir)
+            if not set(p.live()) <= set(pending[step]):
+                return
+            rows = pending.pop(step)
+            for old in [s for s in pending if s < step]:  # a lagging member's catch-up
+                del pending[old]
+            row = pack_result({m: trial_result(r, last_eval[m]) for m, (r, _) in rows.items()},
+                              step)
+            paths = {m: c for m, (_, c) in rows.items() if c}
+            if not paths:
+                tune.report(row)
+                return
+            with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp:
+                members = {**paths, **{m: None for m in p.status}}
+                ckpt = pack.pack_checkpoint(os.path.join(tmp, "pack"), members, workdir)
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(ckpt))
+
+        p.fit(on_report)
+        status = p.finish()
+    publish_pack(workdir, status, store.join(experiment, name))
+
+
+def pack_result(members: dict[str, dict], step: int) -> dict:
+    """A pack's Tune row: the status-table keys of its best member (by HEADLINE), then
+    every member's scalars under members/<name>/..."""
+    def key(m):
+        v = members[m][HEADLINE]
+        return v if isinstance(v, float) and math.isfinite(v) else -math.inf
+
+    best = max(members, key=key)
+    row = {k: members[best][k] for k in ("train_l0", HEADLINE, "dead_fraction", "train_loss")}
+    return row | {"timesteps_total": step, "step": step, "best_member": best,
+                  "members": members}
+
+
 def headline(metrics: dict) -> float:
     """The sweep's headline from an eval's metrics: HEADLINE (loss recovered against mean
     ablation), else FALLBACK (the paper's zero-ablation figure) while train_sae does not
@@ -266,6 +331,17 @@ class DensityHistograms(tune.Callback):
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         fs, path = checkpoint.filesystem, checkpoint.path
+        if fs.get_file_info(f"{path}/{train_sae.STATE}").type == pafs.FileType.File:
+            runs = [("ray/tune/log10_density", path)]
+        else:  # a pack's checkpoint: one train_sae checkpoint per member
+            runs = [(f"ray/tune/{i.base_name}/log10_density", i.path)
+                    for i in fs.get_file_info(pafs.FileSelector(path))
+                    if fs.get_file_info(f"{i.path}/{train_sae.STATE}").type
+                    == pafs.FileType.File]
+        for tag, run in runs:
+            self._write(trial, fs, tag, run)
+
+    def _write(self, trial, fs, tag: str, path: str) -> None:
         with fs.open_input_file(f"{path}/{train_sae.STATE}") as fh:
             state = json.loads(fh.read())
         history = state.get("history") or [{}]
@@ -280,8 +356,7 @@ class DensityHistograms(tune.Callback):
             trial.init_local_path()
             writer = SummaryWriter(trial.local_path, filename_suffix=".density")
             self._writers[trial.trial_id] = writer
-        writer.add_histogram("ray/tune/log10_density", log10_density(density),
-                             global_step=state["step"])
+        writer.add_histogram(tag, log10_density(density), global_step=state["step"])
         writer.flush()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -299,11 +374,12 @@ class DensityHistograms(tune.Callback):
         return {"_writers": {}}
 
 
-def publish(workdir: str, dest: str) -> None:
+def publish(workdir: str, dest: str, export_to: str | None = None) -> None:
     """Copy a finished run's sae/, metrics, history, density histogram and densities from
-    its local workdir to the trial dir in storage (sae/ replaced whole)."""
+    its local workdir to the trial dir in storage (sae/ replaced whole; export_to: put the
+    export there instead of <dest>/sae)."""
     fs, dest_path = store.resolve(dest)
-    sae_dest = f"{dest_path}/{train_sae.EXPORT}"
+    sae_dest = store.resolve(export_to)[1] if export_to else f"{dest_path}/{train_sae.EXPORT}"
     if fs.get_file_info(sae_dest).type != pafs.FileType.NotFound:
         fs.delete_dir(sae_dest)
     pafs.copy_files(os.path.join(workdir, train_sae.EXPORT), sae_dest,
@@ -313,6 +389,17 @@ def publish(workdir: str, dest: str) -> None:
     for name, src in files.items():
         with open(src, "rb") as fh:
             store.write_bytes_atomic(store.join(dest, name), fh.read())
+
+
+def publish_pack(workdir: str, status: dict[str, dict], dest: str) -> None:
+    """Each finished member's export + metrics to <dest>/sae/<name>/ (what `publish` puts
+    in a one-SAE trial dir), a failed member's failed.json there."""
+    for name, st in status.items():
+        target = store.join(dest, train_sae.EXPORT, name)
+        if st["status"] == "done":
+            publish(os.path.join(workdir, name), target, export_to=target)
+        else:
+            store.write_json(store.join(target, pack.FAILED), st)
 
 
 # --- the sweep ---------------------------------------------------------------------------
@@ -327,9 +414,16 @@ def run(cfg: Config) -> dict:
         cfg = replace(cfg, sae=replace(cfg.sae, device="cpu"))
     checked = check_inputs(cfg)
     exp, restoring = checked["experiment"], checked["restore"]
+    saved = store.join(exp, SWEEP_JSON)
+    if restoring and store.exists(saved) and "pack_size" in store.read_json(saved):
+        k = store.read_json(saved)["pack_size"]   # the trials as they were first made
+    else:
+        k = pack_size(cfg, checked["inputs"]["H"])
     if not restoring:
-        store.write_json(store.join(exp, SWEEP_JSON),
-                         {"identity": _identity(cfg), "config": cfg.to_dict()})
+        store.write_json(saved, {"identity": _identity(cfg), "config": cfg.to_dict(),
+                                 "pack_size": k})
+    logger.info("sweep: %d grid points, %s", len(grid_points(cfg)),
+                f"packs of up to {k} SAEs per trial" if k > 1 else "one SAE per trial")
     inputs = checked["inputs"]
     n_steps = train_sae.plan_steps(cfg.sae, inputs["rows"])[0]
     service = resample.start_service(
@@ -338,7 +432,8 @@ def run(cfg: Config) -> dict:
         min(cfg.sae.resample_inputs, inputs["rows"]), inputs["H"], cfg.sweep.draw_rows_per_group)
     env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, cfg=cfg, experiment=exp,
+        tune.with_parameters(train_pack_trial if k > 1 else train_trial, cfg=cfg,
+                             experiment=exp,
                              source=resample.SharedDraw(service), env=env),
         {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
     if cfg.sweep.wandb:
@@ -348,7 +443,7 @@ def run(cfg: Config) -> dict:
             logger.info("sweep: restoring %s (finished trials are kept)", exp)
             tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space=param_space(cfg),
+            tuner = tune.Tuner(trainable, param_space=param_space(cfg, k),
                                tune_config=_tune_config(cfg), run_config=_run_config(cfg))
         tuner.fit()
     finally:  # the service is the driver's: free its draws now, not at driver exit
@@ -363,10 +458,41 @@ def run(cfg: Config) -> dict:
     return summary
 
 
-def param_space(cfg: Config) -> dict:
-    """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config))."""
-    return {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
-            "lr": tune.grid_search(list(cfg.sweep.lr))}
+def param_space(cfg: Config, k: int = 1) -> dict:
+    """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config));
+    with k > 1, {"pack": grid_search over the grid points in packs of up to k}."""
+    if k <= 1:
+        return {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
+                "lr": tune.grid_search(list(cfg.sweep.lr))}
+    points = grid_points(cfg)
+    n = -(-len(points) // -(-len(points) // k))   # even packs: 5 points at k 4 -> 3 + 2
+    return {"pack": tune.grid_search([points[i:i + n] for i in range(0, len(points), n)])}
+
+
+def grid_points(cfg: Config) -> list[dict]:
+    """Every (l1_coeff, lr) point of the grid, in the order Tune's grid_search makes them."""
+    return [{"l1_coeff": l1, "lr": lr} for lr in cfg.sweep.lr for l1 in cfg.sweep.l1_coeff]
+
+
+def pack_size(cfg: Config, H: int) -> int:
+    """SAEs per trial: sweep.pack, or (0) as many as fit the trial's device memory
+    (`pack.pack_memory` per SAE against 80% of gpus_per_trial x the GPU's memory, or of
+    half the node's RAM shared by the concurrent trials on CPU), at most the grid."""
+    n = len(grid_points(cfg))
+    if cfg.sweep.pack:
+        return min(cfg.sweep.pack, n)
+    per_sae = pack.pack_memory(cfg, H)
+    sw = cfg.sweep
+    if sw.gpus_per_trial > 0:
+        import torch
+
+        gpu = (torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
+               else DEFAULT_GPU_BYTES)   # the driver (head node) often has no GPU
+        budget = 0.8 * gpu * min(1.0, sw.gpus_per_trial)
+    else:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = 0.5 * ram / max(1, sw.max_concurrent_trials or 1)
+    return max(1, min(n, int(budget // per_sae)))
 
 
 def _wandb_offline() -> dict:
@@ -435,15 +561,52 @@ def index_trials(exp: str) -> list[dict]:
     lr, status (done | error | unfinished), dir, sae_dir (done only), metrics (the final
     metrics.json; done only), last_report (the last metrics Tune got), reports (how many),
     error (the first line of error.txt, if not done)."""
-    trials = [_trial_entry(exp, name) for name in _trial_dirs(exp)]
+    trials = [e for name in _trial_dirs(exp) for e in _trial_entries(exp, name)]
     trials.sort(key=lambda t: (t["l1_coeff"], t["lr"], t["name"]))
     store.write_json(store.join(exp, TRIALS_JSON), {"experiment": exp, "trials": trials})
     return trials
 
 
-def _trial_entry(exp: str, name: str) -> dict:
+def _trial_entries(exp: str, name: str) -> list[dict]:
+    """One entry per SAE of a trial dir: the trial's, or one per member of a pack (name
+    <trial>/<member>, dir and sae_dir <trial>/sae/<member>, trial: the pack's dir name)."""
     d = store.join(exp, name)
     params = store.read_json(store.join(d, "params.json"))
+    if "pack" not in params:
+        return [_trial_entry(exp, name)]
+    whole = _trial_entry(exp, name, params={"l1_coeff": None, "lr": None})
+    out = []
+    for member in params["pack"]:
+        m = pack.member_name(member)
+        md = store.join(d, train_sae.EXPORT, m)
+        entry = {**whole, "name": f"{name}/{m}", "trial": name, "dir": md, **member,
+                 "last_report": _member_report(d, m)}
+        if all(store.exists(store.join(md, f)) for f in ("cfg.json", train_sae.SAE_WEIGHTS,
+                                                          train_sae.METRICS)):
+            entry.pop("error", None)
+            entry |= {"status": "done", "sae_dir": md,
+                      "metrics": store.read_json(store.join(md, train_sae.METRICS))}
+        elif store.exists(store.join(md, pack.FAILED)):
+            failed = store.read_json(store.join(md, pack.FAILED))
+            entry |= {"status": "error",
+                      "error": f"diverged at step {failed['step']}: {failed['error']}"[:500]}
+        out.append(entry)
+    return out
+
+
+def _member_report(trial_dir: str, member: str) -> dict:
+    """A pack member's last row in the trial's result.json (its members/<name> scalars)."""
+    path = store.join(trial_dir, "result.json")
+    if not store.exists(path):
+        return {}
+    lines = store.read_bytes(path).decode().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return _metrics_only((last.get("members") or {}).get(member, {}))
+
+
+def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
+    d = store.join(exp, name)
+    params = params or store.read_json(store.join(d, "params.json"))
     lines = []
     if store.exists(store.join(d, "result.json")):
         lines = store.read_bytes(store.join(d, "result.json")).decode().splitlines()

@@ -54,10 +54,10 @@ def run_dir(ray_local, tmp_path_factory):
     return out
 
 
-def argv(out: str, name: str, *extra: str) -> list[str]:
+def argv(out: str, name: str, *extra: str, pack: int = 1) -> list[str]:
     return ["--preset", "tiny", "--out", out, "--name", name, "--sae.batch_size", "128",
             "--eval_interval", "16", "--checkpoint_interval", "16", "--cpus_per_trial", "0.5",
-            *extra]
+            "--pack", str(pack), *extra]
 
 
 def reports(trial: dict) -> list[dict]:
@@ -113,6 +113,43 @@ def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
     again = sweep_sae.main(argv(run_dir, "grid", "--l1_coeff", "1e-3", "1e-2", "--lr",
                                 "1e-3", "3e-3", "--report-only"))
     assert open(again["report"]).read().count("<tr") == 5
+
+
+@pytest.mark.slow
+def test_packed_trials_train_what_separate_trials_train(run_dir):
+    """--pack 2 over the grid test's l1 axis at lr 3e-3: one trial, two SAEs on one stream;
+    each member is its own trials.json row with its own export, bit-identical to its
+    separate trial of the grid test (the same batches, the same shared resampling draws)."""
+    grid = store.join(run_dir, "sweep", "grid", "trials.json")
+    if not os.path.exists(grid):
+        pytest.skip("compares against test_grid_2x2's trials (run the module)")
+    summary = sweep_sae.main(argv(run_dir, "packed", "--l1_coeff", "1e-3", "1e-2", "--lr",
+                                  "3e-3", pack=2))
+    trials = summary["trials"]
+    assert [(t["l1_coeff"], t["lr"], t["status"]) for t in trials] == [
+        (1e-3, 3e-3, "done"), (1e-2, 3e-3, "done")]
+    (trial_dir,) = {t["trial"] for t in trials}
+    assert trial_dir.startswith("pack2_l1_0.001_lr_0.003_")
+    alone = {(t["l1_coeff"], t["lr"]): t for t in store.read_json(grid)["trials"]}
+    for t in trials:
+        assert t["sae_dir"] == store.join(run_dir, "sweep", "packed", trial_dir, "sae",
+                                          f"l1_{t['l1_coeff']:g}_lr_{t['lr']:g}")
+        assert t["name"] == f"{trial_dir}/l1_{t['l1_coeff']:g}_lr_{t['lr']:g}"
+        assert os.path.isfile(store.join(t["sae_dir"], "sae_lens", "sae_weights.safetensors"))
+        other = alone[(t["l1_coeff"], t["lr"])]
+        assert (open(store.join(t["sae_dir"], "sae.safetensors"), "rb").read()
+                == open(store.join(other["sae_dir"], "sae.safetensors"), "rb").read())
+        for k in ("l0", "mse", "loss_recovered", "dead", "n_resampled"):
+            assert t["metrics"][k] == other["metrics"][k]
+        assert t["last_report"]["step"] == 32
+    results = reports({"dir": store.join(run_dir, "sweep", "packed", trial_dir)})
+    assert [r["timesteps_total"] for r in results] == list(range(4, 33, 4))
+    assert set(results[-1]["members"]) == {"l1_0.001_lr_0.003", "l1_0.01_lr_0.003"}
+    assert results[-1]["best_member"] == "l1_0.001_lr_0.003"     # less sparse, recovers more
+    assert all(isinstance(v, (int, float)) for m in results[-1]["members"].values()
+               for v in m.values())
+    page = open(summary["report"]).read()
+    assert all(t["name"] in page for t in trials)
 
 
 @pytest.mark.slow
