@@ -122,7 +122,8 @@ class Pack:
             raise ValueError(f"pack members repeat: {names}")
         self.cfg, self.workdir = cfg, workdir
         # one resampling source for all (its draws depend on the step alone)
-        source = source if source is not None else _SeededSource(cfg.out, cfg.seed)
+        source = source if source is not None else _SeededSource(cfg.out, cfg.seed,
+                                                                 keep_last=True)
         self.runs: dict[str, SaeRun] = {}
         self.status: dict[str, dict] = {}
         evalset: EvalSet | None = None

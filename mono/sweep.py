@@ -12,7 +12,12 @@ path or an s3:// / gs:// URI, which multi-node clusters need):
         sae/                         the export (cfg.json, sae.safetensors, sae_lens/) ...
         metrics.json history.json density.npy density.png   ... copied when the trial ends
         wandb/offline-run-*          with --wandb and no WANDB_API_KEY
-    trials.json                      the index analysis reads (`index_trials`)
+    pack<K>_l1_<l1>_lr_<lr>_<id>/    a packed trial (sweep.pack, mono.pack): K grid points
+        checkpoint_00000N/<name>/    one train_sae checkpoint per member
+        sae/<name>/                  each member's export + metrics.json history.json
+                                     density.npy density.png (failed.json if it diverged)
+    trials.json                      the index analysis reads (`index_trials`): one row per
+                                     SAE (a pack member's name: <trial>/<name>)
     report/index.html + PNGs         the sweep report (mono.pages.write_sweep_report)
 
 Each trial trains in its local Tune working directory and reports to Tune every
@@ -216,8 +221,11 @@ def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
     name = os.path.basename(tune.get_context().get_trial_dir())
     workdir = os.path.join(os.getcwd(), f"pack-{name}")
     checkpoint = tune.get_checkpoint()
+    # other grid axes (e.g. a dictionary size) apply to the whole pack: sizes never mix
+    trial_cfg = replace(cfg, sae=replace(cfg.sae, **{k: v for k, v in config.items()
+                                                      if k != "pack"}))
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
-        p = pack.Pack(cfg, config["pack"], workdir, source=source, resume_from=resume)
+        p = pack.Pack(trial_cfg, config["pack"], workdir, source=source, resume_from=resume)
         pending: dict[int, dict] = {}
         last_eval: dict[str, dict] = {n: {} for n in p.runs}
 

@@ -216,19 +216,27 @@ def pick_device(name: str) -> torch.device:
 
 class _SeededSource:
     """The default ResampleSource: uniform shard rows, drawn by a generator seeded by
-    (seed, step) so a resumed run draws what a straight one drew."""
+    (seed, step) so a resumed run draws what a straight one drew. keep_last: keep the last
+    draw, so the members of a pack (mono.pack), which share one source, read it once."""
 
-    def __init__(self, out: str, seed: int):
+    def __init__(self, out: str, seed: int, keep_last: bool = False):
         self.out, self.seed, self.step, self._src = out, seed, 0, None
+        self.keep_last = keep_last
+        self._last: tuple[tuple[int, int], np.ndarray] | None = None
 
     def at_step(self, step: int) -> _SeededSource:
         self.step = step
         return self
 
     def sample(self, n: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == (self.step, n):
+            return self._last[1]
         if self._src is None:  # footers are read only when a resample happens
             self._src = LocalShardSource(self.out, seed=self.seed)
-        return self._src.sample(n, seed=[self.seed, _SOURCE, self.step])
+        x = self._src.sample(n, seed=[self.seed, _SOURCE, self.step])
+        if self.keep_last:
+            self._last = ((self.step, n), x)
+        return x
 
 
 # --- eval ------------------------------------------------------------------------------
