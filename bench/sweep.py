@@ -1,60 +1,60 @@
-"""Benchmark: a Tune sweep of 4 SAE trials run concurrently vs the same 4 one after another.
+"""Benchmark: packed SAEs vs separate runs on the same data; reader rows/s per core; draws.
 
-    .venv/bin/python bench/sweep.py                  # ~2 min on 2 cores
-    .venv/bin/python bench/sweep.py --steps 400 --n_features 8192
-    .venv/bin/python bench/sweep.py --demo           # the demo preset's sweep, demo-shaped data
+    .venv/bin/python bench/sweep.py                  # ~3-4 min on 2 loaded cores
+    .venv/bin/python bench/sweep.py --k 4 --steps 200 --n_features 2048
 
 Builds a small run once in a temp dir (synthetic token shards, the tiny LM trained for a few
-steps, activation shards through mono.acts.run: H 128), then runs the real path,
-`mono.sweep.run`, on its own `ray.init(address="local", num_cpus=<cores>)`, twice on the same
-2 x 2 grid: all 4 trials at once with cores/4 CPUs each (torch gets 1 thread per trial),
-and one at a time with every core. Prints wall time, aggregate samples/s (4 x steps x
-batch / wall), the trials' own training samples/s, per-trial start-up (trainable entry to
-the first training step, `setup_s`) and the rest of the wall time: Ray/Tune scheduling,
-actor start, evals, checkpoints. With CUDA, also 4 trials at gpus_per_trial=0.25 vs 1 trial
-on the whole GPU (aggregate samples/s of the packed four over the one).
+steps, activation shards through mono.acts.run: H 128), then measures, side by side in one
+invocation on the same shards, each mode in its own fresh process (so peak RSS and bytes
+read are the mode's alone):
 
---demo times the demo preset's own sweep (its grid, SAE and sweep sections unchanged) on a
-demo-shaped run: synthetic tokens in the demo's shape (4,700 train contexts of T 128), the
-demo LM (128/512) trained a few steps (the SAE's speed does not depend on the LM's quality),
-its activation shards (64 positions per context: ~300 k rows, H 512).
+- pack_K: one `mono.pack.train_pack` of K SAEs (K l1 values) on one stream;
+- separate_K: the same K SAEs as K `train_sae.train` runs, one after another (what K
+  one-SAE trials read);
+- alone_1: one SAE.
+  Per mode: aggregate SAE samples/s (K x steps x batch / wall, evals and start-up
+  included), bytes read from the activation shards per SAE sample (counted under pyarrow:
+  the training stream, the b_dec sample and the resampling draws), peak RSS (ru_maxrss).
+- reader: `ActsReader` alone over the local Parquet shards (zstd), rows per CPU-second
+  (process time, 1 torch thread), next to the H100 step's 1.86 M samples/s (mono.sae): how
+  many cores feed one GPU with one SAE per read and with K packed.
+- draws: 4 concurrent clients (what 4 trials do at a resample step) asking the
+  ResampleService for one step's draw: bytes moved per trial (the object each maps; one
+  fetch per node) and the longest wait.
 
-Measured 2026-11-27 on the 2-core build machine, idle, defaults (4 trials x 100 steps x
-batch 1024, SAE 128 -> 2048; `.venv/bin/python bench/sweep.py`, 1 min 47 s):
-  concurrent_4  wall 32.6 s, aggregate 12,583 samples/s, 11,300 per trial (1 thread each)
-  sequential_4  wall 48.4 s, aggregate  8,464 samples/s, 34,154 per trial (2 threads)
-  ratio 1.49; start-up (entry -> first step) 1.0 s / 0.4 s; most of each wall is neither
-  training nor start-up (22 s / 36 s): trial processes starting, the pool, evals,
-  checkpoints, Tune. Earlier the same day at load 9-14: ratio 1.05 (52.2 s vs 55.0 s).
-At this size the fixed costs dominate; the ratio measures scheduling more than compute.
-The demo preset's sweep inside `python -m ray_jobs.pipeline` (2 trials x 1200 steps x batch
-1024, F 1024, H 512, both at once): 168 s on idle cores. The GPU rows (4 trials at
-gpus_per_trial 0.25 vs 1 trial) were not measured: no GPU machine was lent to this task.
+Timings on the shared 2-core build box are noisy (other engineers' jobs run alongside);
+ratios measured side by side are what to read.
 """
 
 import argparse
+import io
+import json
 import os
-import statistics
+import resource
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 
 import numpy as np
-import ray
-import torch
 
-from mono import acts, store, sweep, train_lm
-from mono.config import PRESETS, with_overrides
+H100_SAMPLES_PER_S = 1.86e6
+"""One paper-shaped SAE step on an H100 (mono.sae's docstring, measured on a lent machine)."""
 
 
-def build_run(out: str, n_ctx: int, preset: str = "tiny") -> None:
-    """Token shards (a noisy cycle over 16 ids), the preset's LM, activation shards."""
-    base = PRESETS[preset]
+def build_run(out: str, n_ctx: int) -> None:
+    """Token shards (a noisy cycle over 16 ids), the tiny LM, activation shards."""
+    from mono import acts, store, train_lm
+    from mono.config import PRESETS, with_overrides
+
+    base = PRESETS["tiny"]
     T = base.tokens.ctx_len
     rng = np.random.default_rng(0)
     ids = rng.permutation(50000)[:16] + 100
     splits = {}
-    for split, n in (("train", n_ctx), ("val", max(16, base.sae.eval_contexts))):
+    for split, n in (("train", n_ctx), ("val", 16)):
         steps = np.where(rng.random(n * T) < 0.05, rng.integers(1, 16, n * T), 1)
         toks = ids[np.cumsum(steps) % 16].reshape(n, T)
         store.write_table_atomic(store.join(store.Layout(out).tokens(split), "part-00000.parquet"),
@@ -64,97 +64,207 @@ def build_run(out: str, n_ctx: int, preset: str = "tiny") -> None:
     store.write_json(store.Layout(out).tokens_manifest, {
         "tokenizer": "synthetic", "ctx_len": T, "dtype": "uint16", "tokens_sha256": "bench",
         "rows": {s: v["rows"] for s, v in splits.items()}, "splits": splits})
-    acts_cfg = {"tokens_per_context": 32} if preset == "tiny" else {}
-    cfg = with_overrides(base, out=out, acts=acts_cfg,
+    cfg = with_overrides(base, out=out, acts={"tokens_per_context": 32, "max_actors": 1},
                          train_lm={"max_iters": 6, "batch_size": 4, "eval_interval": 6})
     train_lm.train(cfg)
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     acts.run(cfg)
+    ray.shutdown()
 
 
-def sweep_once(base, name: str, **sweep_fields) -> dict:
-    cfg = replace(base, sweep=replace(base.sweep, name=name, **sweep_fields))
-    t0 = time.perf_counter()
-    summary = sweep.run(cfg)
-    wall = time.perf_counter() - t0
-    trials = summary["trials"]
-    samples = sum(t["metrics"]["examples"] for t in trials)
-    return {"mode": name, "trials": len(trials), "wall_s": wall, "agg": samples / wall,
-            "trial_sps": statistics.mean(t["metrics"]["samples_per_s"] for t in trials),
-            "setup_s": statistics.mean(t["last_report"]["setup_s"] for t in trials),
-            "train_s": sum(t["metrics"]["examples"] / t["metrics"]["samples_per_s"]
-                           for t in trials),
-            "steps": trials[0]["metrics"]["step"]}
+def base_cfg(out: str, args):
+    from mono.config import PRESETS, with_overrides
 
-
-def demo(out: str) -> None:
-    """The demo preset's sweep as the pipeline runs it (default resources), timed."""
-    if not store.exists(store.Layout(out).acts_manifest):
-        t0 = time.perf_counter()
-        build_run(out, 4700, "demo")
-        print(f"built a demo-shaped run in {out} in {time.perf_counter() - t0:.0f} s")
-    cfg = replace(PRESETS["demo"], out=out)
-    r = sweep_once(cfg, "demo")
-    print(f"demo sweep: {r['trials']} trials ({len(cfg.sweep.l1_coeff)} l1 x "
-          f"{len(cfg.sweep.lr)} lr) x {r['steps']} steps x batch {cfg.sae.batch_size}, "
-          f"F {cfg.sae.n_features}: wall {r['wall_s']:.0f} s, trial samples/s "
-          f"{r['trial_sps']:,.0f}, setup {r['setup_s']:.1f} s")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=100, help="SAE steps per trial")
-    ap.add_argument("--n_features", type=int, default=2048)
-    ap.add_argument("--batch_size", type=int, default=1024)
-    ap.add_argument("--contexts", type=int, default=512, help="train contexts (x32 rows)")
-    ap.add_argument("--out", default="", help="run dir to build/reuse (default: a temp dir)")
-    ap.add_argument("--demo", action="store_true", help="time the demo preset's sweep instead")
-    args = ap.parse_args()
-    cores = len(os.sched_getaffinity(0))  # taskset-aware
-    gpus = torch.cuda.device_count()
-    out = args.out or tempfile.mkdtemp(prefix="bench-sweep-")
-    ray.init(address="local", num_cpus=cores, num_gpus=gpus, include_dashboard=False,
-             log_to_driver=False, object_store_memory=512 * 1024**2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if args.demo:
-        demo(out)
-        ray.shutdown()
-        return
-    if not store.exists(store.Layout(out).acts_manifest):
-        t0 = time.perf_counter()
-        build_run(out, args.contexts)
-        print(f"built {out} in {time.perf_counter() - t0:.0f} s")
-    base = with_overrides(
+    return with_overrides(
         PRESETS["tiny"], out=out,
         sae={"n_features": args.n_features, "batch_size": args.batch_size,
              "n_steps": args.steps, "resample_at": (args.steps // 2,), "dead_window": 20,
              "eval_interval": args.steps, "checkpoint_interval": args.steps,
-             "resample_inputs": 4096, "device": "cpu"},
-        sweep={"l1_coeff": (1e-3, 3e-3), "lr": (1e-3, 3e-3), "pool_rows": 8192,
-               "max_failures": 0})
-    rows = [sweep_once(base, "concurrent_4", cpus_per_trial=cores / 4,
-                       max_concurrent_trials=4),
-            sweep_once(base, "sequential_4", cpus_per_trial=cores, max_concurrent_trials=1)]
-    if gpus:
-        gpu = replace(base, sae=replace(base.sae, device="cuda"))
-        rows += [sweep_once(gpu, "gpu_4x0.25", cpus_per_trial=1, gpus_per_trial=0.25,
-                            max_concurrent_trials=4),
-                 sweep_once(replace(gpu, sweep=replace(gpu.sweep, l1_coeff=(1e-3,),
-                                                       lr=(1e-3,))),
-                            "gpu_1x1", cpus_per_trial=1, gpus_per_trial=1.0)]
-    ray.shutdown()
-    print(f"\n{cores} cores, {gpus} GPU(s); 4 trials x {args.steps} steps x batch "
-          f"{args.batch_size}, SAE 128 -> {args.n_features}")
-    print(f"{'mode':<14}{'trials':>7}{'wall s':>9}{'agg samples/s':>15}{'trial samples/s':>17}"
-          f"{'setup s':>9}{'other s':>9}")
+             "resample_inputs": 4096, "eval_contexts": 4, "device": "cpu"})
+
+
+class CountingFile(io.RawIOBase):
+    """A file that counts the bytes read through it (pyarrow reads the shards via it)."""
+
+    total = 0
+
+    def __init__(self, native):
+        self.f = native
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        return self.f.seek(pos, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def size(self):
+        return self.f.size()
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        CountingFile.total += len(data)
+        return len(data)
+
+
+def count_shard_reads() -> None:
+    """Route mono.reader's shard opens (the training stream, its b_dec sample, the
+    resampling draws) through CountingFile."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mono import reader, store
+
+    def counted(path):
+        fs, p = store.resolve(path)
+        return pq.ParquetFile(pa.PythonFile(CountingFile(fs.open_input_file(p)), mode="r"))
+
+    reader._open = counted
+
+
+def run_mode(args) -> dict:
+    """One mode in this (fresh) process -> its figures."""
+    import torch
+
+    from mono import pack, train_sae
+
+    torch.set_num_threads(args.threads)
+    count_shard_reads()
+    cfg = base_cfg(args.out, args)
+    l1s = [1e-3 * 2**i for i in range(args.k)]
+    work = tempfile.mkdtemp(prefix=f"bench-{args.mode}-", dir=args.out)
+    t0 = time.perf_counter()
+    if args.mode == "pack":
+        pack.train_pack(cfg, [{"l1_coeff": l1, "lr": 1e-3} for l1 in l1s], work)
+        n = args.k
+    elif args.mode == "separate":
+        for i, l1 in enumerate(l1s):
+            train_sae.train(replace(cfg, sae=replace(cfg.sae, l1_coeff=l1, lr=1e-3)),
+                            os.path.join(work, str(i)))
+        n = args.k
+    else:
+        train_sae.train(cfg, os.path.join(work, "0"))
+        n = 1
+    wall = time.perf_counter() - t0
+    samples = n * args.steps * args.batch_size
+    return {"mode": f"{args.mode}_{n}", "saes": n, "wall_s": wall, "agg": samples / wall,
+            "bytes_per_sample": CountingFile.total / samples,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def reader_rate(out: str, batch_size: int) -> dict:
+    """ActsReader alone: rows per CPU-second over one pass (1 torch thread)."""
+    import torch
+
+    from mono.reader import ActsReader
+
+    torch.set_num_threads(1)
+    reader = ActsReader(out, batch_size, seed=0, shuffle_buffer=8192)
+    c0, t0, rows = time.process_time(), time.perf_counter(), 0
+    for x in reader:
+        rows += len(x)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return {"rows": rows, "rows_per_cpu_s": rows / cpu, "rows_per_s": rows / wall,
+            "cpu_per_wall": cpu / wall}
+
+
+def draw_waits(out: str, n: int) -> dict:
+    """4 clients ask the service for one step's draw at once."""
+    import ray
+
+    from mono import resample, store
+
+    H = store.acts_manifest(out)["H"]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        handle = resample.start_service(out, "bench-draws", 0, (100, 200), n, H)
+        waits, sizes = [], []
+
+        def trial():
+            t0 = time.perf_counter()
+            x = resample.source_at(resample.SharedDraw(handle), 100).sample(n)
+            waits.append(time.perf_counter() - t0)
+            sizes.append(x.nbytes)
+
+        time.sleep(0.5)   # the service computes step 100's draw ahead of the trials
+        threads = [threading.Thread(target=trial) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = ray.get(handle.stats.remote())
+        ray.kill(handle, no_restart=True)
+    finally:
+        ray.shutdown()
+    return {"bytes_per_trial": max(sizes), "max_wait_s": max(waits),
+            "computed": stats["computed"], "served": stats["served"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--k", type=int, default=4, help="SAEs per pack")
+    ap.add_argument("--steps", type=int, default=60, help="SAE steps per SAE")
+    ap.add_argument("--n_features", type=int, default=1024)
+    ap.add_argument("--batch_size", type=int, default=1024)
+    ap.add_argument("--contexts", type=int, default=2048, help="train contexts (x32 rows)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--out", default="", help="run dir to build/reuse (default: a temp dir)")
+    ap.add_argument("--mode", default="", help=argparse.SUPPRESS)  # a child process
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return
+    from mono import store
+
+    args.out = args.out or tempfile.mkdtemp(prefix="bench-sweep-")
+    if not store.exists(store.Layout(args.out).acts_manifest):
+        t0 = time.perf_counter()
+        build_run(args.out, args.contexts)
+        print(f"built {args.out} in {time.perf_counter() - t0:.0f} s")
+    rows_total = store.acts_manifest(args.out)["rows"]
+    if args.steps * args.batch_size > rows_total:
+        sys.exit(f"{args.steps} steps x {args.batch_size} > the {rows_total} rows")
+    rows = []
+    for mode in ("pack", "separate", "alone"):
+        cmd = [sys.executable, __file__, "--mode", mode, "--out", args.out, "--k", str(args.k),
+               "--steps", str(args.steps), "--n_features", str(args.n_features),
+               "--batch_size", str(args.batch_size), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rate = reader_rate(args.out, args.batch_size)
+    draws = draw_waits(args.out, 4096)
+
+    print(f"\n{args.threads} threads; K={args.k} SAEs x {args.steps} steps x batch "
+          f"{args.batch_size}, SAE 128 -> {args.n_features}, {rows_total:,} rows")
+    print(f"{'mode':<12}{'SAEs':>5}{'wall s':>9}{'agg SAE samples/s':>19}"
+          f"{'shard bytes/SAE sample':>24}{'peak RSS MB':>13}")
     for r in rows:
-        width = 4 if r["mode"] == "concurrent_4" or r["mode"] == "gpu_4x0.25" else 1
-        other = r["wall_s"] - r["train_s"] / width - r["setup_s"]
-        print(f"{r['mode']:<14}{r['trials']:>7}{r['wall_s']:>9.1f}{r['agg']:>15,.0f}"
-              f"{r['trial_sps']:>17,.0f}{r['setup_s']:>9.1f}{other:>9.1f}")
-    print(f"concurrent / sequential aggregate samples/s: {rows[0]['agg'] / rows[1]['agg']:.2f}")
-    if gpus:
-        print(f"4 x 0.25 GPU / 1 trial on the GPU, aggregate samples/s: "
-              f"{rows[2]['agg'] / rows[3]['agg']:.2f}")
+        print(f"{r['mode']:<12}{r['saes']:>5}{r['wall_s']:>9.1f}{r['agg']:>19,.0f}"
+              f"{r['bytes_per_sample']:>24,.1f}{r['rss_mb']:>13,.0f}")
+    pk, sep, one = rows
+    print(f"pack / separate: aggregate samples/s {pk['agg'] / sep['agg']:.2f}x, bytes read per "
+          f"SAE sample {pk['bytes_per_sample'] / sep['bytes_per_sample']:.2f} "
+          f"(target 1/K = {1 / args.k:.2f}), peak RSS {pk['rss_mb'] / sep['rss_mb']:.2f}x")
+    print(f"alone: {one['agg']:,.0f} samples/s")
+    per_core = rate["rows_per_cpu_s"]
+    print(f"reader (local Parquet, zstd, H 128): {per_core:,.0f} rows per CPU-second "
+          f"({rate['rows_per_s']:,.0f} rows/s wall at {rate['cpu_per_wall']:.2f} cores); "
+          f"H100 step {H100_SAMPLES_PER_S / 1e6:.2f} M samples/s needs "
+          f"{H100_SAMPLES_PER_S / per_core:.1f} cores per GPU with one SAE per read, "
+          f"{H100_SAMPLES_PER_S / args.k / per_core:.1f} with {args.k} packed (if the packed "
+          f"step runs at 1.86 M / {args.k} rows/s) and {H100_SAMPLES_PER_S / 16 / per_core:.1f}"
+          f" with 16")
+    print(f"draws, 4 concurrent trials at one resample step: {draws['bytes_per_trial'] / 1e6:.2f}"
+          f" MB moved per trial (one object, computed {draws['computed']}x for "
+          f"{draws['served']} requests), longest wait {draws['max_wait_s'] * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -234,14 +234,26 @@ class SaeConfig:
     """Held-out validation contexts for the LM-loss metrics."""
     checkpoint_interval: int = 5000
     """Steps between checkpoints (also written at each eval and at the end)."""
+    report_interval: int = 200
+    """Steps between progress reports to Tune (train loss, MSE, L0, dead fraction: no eval,
+    no checkpoint; ~1 s of a paper-shaped step on an H100); 0 = report at checkpoints only."""
     device: str = "auto"
     """cpu, cuda or auto."""
+
+    @property
+    def window_starts(self) -> tuple[int, ...]:
+        """The step each resample's dead window opens at (sorted like resample_at):
+        `dead_window` steps before it, but never before the previous resample (or step 0).
+        One window per pending resample, so a window longer than the gap between two
+        resamples starts right after the first instead of overlapping it."""
+        steps = sorted(self.resample_at)
+        return tuple(max(prev, s - self.dead_window) for prev, s in zip([0, *steps], steps))
 
     def __post_init__(self):
         _positive(self, "n_features", "l1_coeff", "lr", "batch_size", "dead_window",
                   "resample_inputs", "geom_median_samples", "shuffle_buffer",
                   "eval_interval", "eval_contexts", "checkpoint_interval")
-        _non_negative(self, "n_steps")
+        _non_negative(self, "n_steps", "report_interval")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         if any(s <= 0 for s in self.resample_at) or list(self.resample_at) != sorted(
             set(self.resample_at)
@@ -271,11 +283,13 @@ class SweepConfig:
     """Trials running at once (0 = as many as resources allow)."""
     max_failures: int = 2
     """Retries of a crashed trial from its last checkpoint."""
-    pool_rows: int = 819_200
-    """Rows the shared ResamplePool actor holds (refreshed after each draw)."""
-    pool_rows_per_group: int = 512
-    """Rows the pool takes from each Parquet row group it reads: a refill of n rows reads
-    ~n / this row groups instead of ~n (paper: 1.6 k of 97 k groups for 819,200 rows)."""
+    pack: int = 0
+    """SAEs per trial (mono.pack): grid points that differ only in l1_coeff and lr train in
+    packs of up to this many on one shared activation stream (one read per batch); 0 = as
+    many as fit the trial's device memory; 1 = one SAE per trial."""
+    draw_rows_per_group: int = 512
+    """Rows a resampling draw takes from each Parquet row group it reads: a draw of n rows
+    reads ~n / this row groups instead of ~n (paper: 1.6 k groups for 819,200 rows)."""
     wandb: bool = False
     """Log to Weights & Biases (offline when no WANDB_API_KEY is set)."""
 
@@ -288,9 +302,9 @@ class SweepConfig:
             for v in getattr(self, name):
                 if not (v > 0 and math.isfinite(v)):
                     raise ValueError(f"SweepConfig.{name} values must be positive, got {v!r}")
-        _positive(self, "pool_rows", "pool_rows_per_group")
+        _positive(self, "draw_rows_per_group")
         _non_negative(self, "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
-                      "max_failures")
+                      "max_failures", "pack")
 
 
 @dataclass(frozen=True)
@@ -456,8 +470,8 @@ PRESETS: dict[str, Config] = {
         sae=SaeConfig(n_features=256, batch_size=256, n_steps=0, resample_at=(8,),
                       dead_window=4, resample_inputs=1024, geom_median_samples=512,
                       shuffle_buffer=2048, eval_interval=8, eval_contexts=4,
-                      checkpoint_interval=16),
-        sweep=SweepConfig(l1_coeff=(1e-3, 1e-2), lr=(1e-3,), pool_rows=2048),
+                      checkpoint_interval=16, report_interval=4),
+        sweep=SweepConfig(l1_coeff=(1e-3, 1e-2), lr=(1e-3,)),
         analysis=AnalysisConfig(top_k=5, n_intervals=4, samples_per_interval=2, window=3,
                                 target_l0=1e9),
     ),
@@ -492,11 +506,12 @@ PRESETS: dict[str, Config] = {
         sae=SaeConfig(n_features=1024, l1_coeff=5e-3, lr=3e-4, batch_size=1024, n_steps=1200,
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
-                      eval_contexts=128, checkpoint_interval=600),
-        # Two trials: both run at once on 2 cores (a third would wait for a free CPU). On the
-        # 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 -> L0 11.1,
-        # 0.964; 1e-2 -> L0 6.5, 0.897.
-        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,), pool_rows=65_536),
+                      eval_contexts=128, checkpoint_interval=600, report_interval=50),
+        # Two grid points, packed into one trial (sweep.pack 0: both fit in memory) that
+        # reads the stream once; its 2 CPUs give torch 2 threads for the members' steps. On
+        # the 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 ->
+        # L0 11.1, 0.964; 1e-2 -> L0 6.5, 0.897.
+        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,), cpus_per_trial=2.0),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the
@@ -508,7 +523,11 @@ PRESETS: dict[str, Config] = {
         tokens=TokensConfig(corpus="hf:Skylion007/openwebtext", ctx_len=1024,
                             val_fraction=0.0005),
         # GPU nodes of cluster.yaml (8 CPUs, 1 GPU): 6 CPUs write shards while the GPU runs.
-        acts=ActsConfig(tokens_per_context=200, n_contexts=2_000_000, batch_contexts=64,
+        # 5.12 M contexts x 200 = 1.024 B rows = 125 k SAE steps of 8192 in one pass: all four
+        # of the paper's resamples (25 k ... 100 k) run, with 25 k steps after the last (2 M
+        # contexts gave 48.8 k steps: three never ran). OpenWebText holds ~8.8 M contexts of
+        # 1024 tokens.
+        acts=ActsConfig(tokens_per_context=200, n_contexts=5_120_000, batch_contexts=64,
                         use_gpu=True, cpus_per_actor=6),
         train_lm=TrainLmConfig(use_gpu=True),
         sae=SaeConfig(device="auto"),

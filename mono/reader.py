@@ -5,16 +5,25 @@ Reads <out>/acts/manifest.json and the part-*.parquet shards `mono.acts` writes 
 `mono.store`), or any list of such shards; writes nothing. Three views of the same rows:
 - `ActsReader`: float32 (N, H) batches in a deterministic, resumable, shard-mixing order
   (train_sae, features);
-- `LocalShardSource`: `sample(n)` uniform random rows without replacement (resampling, and
-  the sweep's ResamplePool actor behind the same interface);
+- `LocalShardSource`: `sample(n)` uniform random rows without replacement (a single run's
+  resampling; the sweep's shared draws come from `mono.resample.ResampleService`);
 - `read_dataset`: a Ray Dataset over the shards (bfloat16 decoded to float32).
+`local_shards` fetches remote shards once into the node's local cache for the training
+readers (bounded by free disk; when they do not fit, the readers stream).
 
 Shapes: N rows of a batch, H d_mlp.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +34,8 @@ import torch
 
 from mono import store
 from mono.errors import MissingInput, UserError
+
+logger = logging.getLogger(__name__)
 
 # Domain tag for np.random.default_rng([seed, tag, ...]) of the reading order; mono.acts
 # uses 1 (positions) and 2 (shard shuffles), so the streams stay unrelated.
@@ -78,6 +89,62 @@ def check_shards(shards: dict) -> None:
         for msg in pool.map(problem, shards["files"], shards["rows"]):
             if msg:
                 raise UserError(f"{msg}: rerun `python -m ray_jobs.collect_acts` to rewrite it")
+
+
+CACHE_FILL = 0.9
+"""The node-local shard cache may fill at most this fraction of the free disk."""
+
+
+def cache_root() -> str:
+    """This node's local scratch for cached inputs: $MONO_CACHE_DIR, else <tmp>/mono-cache
+    (what train_lm caches token splits in)."""
+    return os.environ.get("MONO_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "mono-cache")
+
+
+def local_shards(source) -> list[str] | None:
+    """The activation shards of a remote `source` (URIs), fetched once into this node's
+    local cache, so every trial on the node reads them from local disk: the local paths,
+    in the manifest's order. None when the shards are local already, or when they do not
+    fit in CACHE_FILL of the cache disk's free space (logged: the trials then stream
+    them). The first process of a node copies (under a file lock, each file to a temporary
+    name, then renamed); the others wait, then find the files there (size-checked)."""
+    shards = shard_list(source)
+    files = shards["files"]
+    if not any(store.is_uri(f) for f in files):
+        return None
+    key = hashlib.sha256(json.dumps([files, shards["rows"]]).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_root(), f"acts-{key}")
+    fs, _ = store.resolve(files[0])
+    infos = fs.get_file_info([store.resolve(f)[1] for f in files])
+    local = [os.path.join(cache, f.rsplit("/", 1)[-1]) for f in files]
+
+    def missing() -> list[int]:
+        return [i for i, (path, info) in enumerate(zip(local, infos))
+                if not (os.path.exists(path) and os.path.getsize(path) == info.size)]
+
+    todo = missing()
+    if not todo:
+        return local
+    need = sum(infos[i].size for i in todo)
+    os.makedirs(cache, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if need > CACHE_FILL * free:
+        logger.warning("activation shards: %.2f GB to cache do not fit in %s (%.2f GB free): "
+                       "streaming them from %s instead", need / 1e9, cache, free / 1e9,
+                       files[0].rsplit("/", 1)[0])
+        return None
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        todo = missing()   # another process of this node may have fetched them meanwhile
+        for i in todo:
+            tmp = f"{local[i]}.tmp-{os.getpid()}"
+            with fs.open_input_stream(infos[i].path) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            os.replace(tmp, local[i])
+        if todo:
+            logger.info("activation shards: cached %d files (%.2f GB) of %s in %s", len(todo),
+                        need / 1e9, files[0].rsplit("/", 1)[0], cache)
+    return local
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -279,8 +346,9 @@ class LocalShardSource:
     sample(n) draws n rows without replacement from the whole dataset (seeded by (seed,
     call number), or by its `seed` argument) and reads only the row groups that hold them,
     in parallel. Cost: ~min(n, row groups) row-group reads, so n of the order of the number
-    of row groups reads everything (paper: 97 k row groups); a long-lived pool (the sweep's
-    ResamplePool actor) amortises that. Returns (n, H) float32 numpy, rows in random order.
+    of row groups reads everything (paper: ~250 k row groups); the sweep's ResampleService
+    reads ~n / 512 groups per draw instead (a two-stage sample). Returns (n, H) float32
+    numpy, rows in random order.
     """
 
     def __init__(self, source, seed: int = 0, threads: int = 8):

@@ -1,9 +1,10 @@
 """Stage 4: dead-feature resampling (Towards Monosemanticity, appendix "Neuron resampling").
 
 Reads fresh activation rows from a `ResampleSource` (`sample(n) -> (n, H) array`): here
-`ArraySource` over an in-memory array; the shard-backed source and the `ResamplePool` Ray
-actor serve the same interface. Writes, in place, only the dead features' rows of the SAE
-(W_enc columns, W_dec rows, b_enc entries) and of the trainer's optimizer state.
+`ArraySource` over an in-memory array; the shard-backed source and the `ResampleService`
+Ray actor (through `SharedDraw`) serve the same interface. Writes, in place, only the dead
+features' rows of the SAE (W_enc columns, W_dec rows, b_enc entries) and of the trainer's
+optimizer state.
 
 Shapes: N tokens, H input width (d_mlp), F features, K dead features.
 
@@ -29,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -86,11 +87,14 @@ class ResampleResult(NamedTuple):
 
 @torch.no_grad()
 def score_inputs(trainer: Trainer, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """x (M, H) -> (M,) float64 loss^2 per input, in batches of `batch_size` on the SAE's device."""
+    """x (M, H) -> (M,) float64 loss^2 per input, in batches of `batch_size` on the SAE's device.
+
+    x may be float16 and read-only (the sweep's shared draw): only one batch at a time is
+    copied and converted, never the whole draw."""
     sae = trainer.sae
     scores = []
     for start in range(0, len(x), batch_size):
-        chunk = torch.as_tensor(x[start:start + batch_size]).to(sae.W_enc.device)
+        chunk = torch.from_numpy(np.array(x[start:start + batch_size])).to(sae.W_enc.device)
         scores.append(sae.per_example_loss(chunk).square().double().cpu())
     return torch.cat(scores).numpy()
 
@@ -150,29 +154,30 @@ def resample(trainer: Trainer, dead: Tensor, source: ResampleSource, n_inputs: i
     return ResampleResult(k, features, picks, enc_norm)
 
 
-# === ResamplePool: the sweep's shared source of resampling inputs (Ray actor) ===========
+# === ResampleService: one shared, deterministic draw per resample step (Ray actor) =======
 # Owned by the sweep (mono.sweep): one named actor per experiment, shared by every trial.
 # Everything above is the resampling algorithm and needs no Ray; Ray is imported only where
 # an actor is started or called, so this module imports without a cluster.
 #
 # Sampling: a uniform random sample of the activation rows, drawn from every shard. Reading
 # n uniformly scattered rows touches ~min(n, row groups) row groups (the paper preset: all
-# 97 k groups, ~400 GB, for 819,200 rows), so the pool draws a two-stage sample instead:
-# each row group is read with probability pi and, when read, a fraction psi of its rows is
-# kept, pi * psi = n / rows. Every row has the same chance n / rows to be drawn, and a draw
-# reads ~n / pool_rows_per_group groups. Rows within a shard were shuffled at collection,
-# so a row group spans most of its shard's contexts; the price is some correlation between
-# rows of one group.
+# of its ~250 k groups for 819,200 rows), so a draw is two-stage instead: each row group is
+# read with probability pi and, when read, a fraction psi of its rows is kept,
+# pi * psi = n / rows. Every row has the same chance n / rows to be drawn, and a draw reads
+# ~n / rows_per_group groups. Rows within a shard were shuffled at collection, so a row
+# group spans most of its shard's contexts; the price is some correlation between rows of
+# one group.
 #
-# Freshness: a row is served once. `sample(n)` takes n random fresh rows; a background
-# thread replaces them with new draws (the paper: "a fresh random 819,200 inputs" for each
-# resampling). A call waits while fewer than n rows are fresh; n > pool size is drawn from
-# the shards directly. Draws are not repeatable: the generator is seeded afresh at each
-# (re)start, and which trial gets which rows depends on timing (a sweep's training batches
-# are seeded; its resampling inputs are a fresh uniform sample, not a fixed one).
+# Sharing: the draw of resample step s is seeded by (seed, s) alone, computed once, put
+# once into the object store and handed to every trial as a reference, so every grid point
+# resamples from the same inputs, a retried trial (or a restarted service) gets the same
+# rows, and a node fetches the object once for all its trials (they read it zero-copy).
+# The paper's "fresh random 819,200 inputs" per resampling: each step's draw is a new one.
 
-POOL_NAMESPACE = "mono"
+NAMESPACE = "mono"
 """Ray namespace of the sweep's named actors (a job's default namespace is anonymous)."""
+_DRAW = 13
+"""Domain tag of a draw's generator, default_rng([seed, 13, step]) (train_sae uses 11, 12)."""
 POOL_OVERSAMPLE = 1.1
 """A draw plans for 10% more rows than asked, then keeps a uniform subset of n."""
 
@@ -267,139 +272,168 @@ def _read_rows(groups: RowGroups, g: int, rows: np.ndarray) -> dict[str, np.ndar
             "row": groups.first[g] + rows}
 
 
-class ResamplePool:
-    """A pool of `pool_rows` uniformly drawn activation rows that serves `sample(n)`.
+class ResampleService:
+    """The experiment's resampling draws: `draw(step, n)` -> [ObjectRef of (n, H) rows].
 
-    Run as a Ray actor by `start_pool` (threaded: `max_concurrency` calls at once, state
-    behind one condition variable); usable as a plain object too (tests). The first fill
-    and every refill run in a background thread, so construction returns at once.
+    The draw for (step, n) is `draw_rows` with a generator seeded by (seed, step): computed
+    once (the first request, or ahead of time: at start the first step of `steps`, after
+    serving step s the next one), put once into the object store, and kept for the last
+    `keep` steps (an older one asked again, by a retried trial, is recomputed: the same
+    rows). Rows come back float16 when stored so (half the bytes; `score_inputs` converts
+    batch by batch), float32 otherwise (bfloat16 decoded here). Run as a Ray actor by
+    `start_service`; usable as a plain object too (tests), then `draw` returns the arrays.
     """
 
-    def __init__(self, source, pool_rows: int, seed: int = 0, rows_per_group: int = 512):
-        self.source = str(source)
+    def __init__(self, source, seed: int, steps=(), n: int = 0, rows_per_group: int = 512,
+                 keep: int = 2, put=None):
+        self.source, self.seed = str(source), seed
         self.groups = row_groups(source)
-        total = int(self.groups.size.sum())
-        self.capacity = min(pool_rows, total)
-        if self.capacity < pool_rows:
-            logger.info("ResamplePool: the dataset holds %d rows, fewer than pool_rows=%d",
-                        total, pool_rows)
-        self.rows_per_group = rows_per_group
-        # Seeded afresh at each (re)start: rows served before a crash are not served again.
-        seq = np.random.SeedSequence([seed, time.time_ns()])
-        self._fill_rng, self._serve_rng = (np.random.default_rng(s) for s in seq.spawn(2))
-        dtype = np.dtype(store.ACTS_STORAGE[self.groups.dtype])
-        self.acts = np.zeros((self.capacity, self.groups.H), dtype)              # (P, H)
-        self.shard = np.full(self.capacity, -1, np.int32)                        # (P,)
-        self.row = np.full(self.capacity, -1, np.int64)                          # (P,)
-        self.fresh = np.zeros(self.capacity, bool)                               # (P,)
-        self.counts = {"served": 0, "drawn": 0, "direct": 0, "calls": 0}
-        self.error: BaseException | None = None
-        self._cond = threading.Condition()
-        threading.Thread(target=self._refill_forever, name="pool-refill", daemon=True).start()
+        self.total = int(self.groups.size.sum())
+        self.steps, self.rows_per_group, self.keep = sorted(steps), rows_per_group, keep
+        self._put = put if put is not None else (lambda x: x)
+        self._lock = threading.Lock()
+        self._draws: dict[tuple[int, int], Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="draw")  # one draw at a time
+        self.counts = {"computed": 0, "served": 0, "max_wait_s": 0.0}
+        self.served: dict[int, int] = {}
+        """step -> requests served (how many trials resampled at it)."""
+        if self.steps and n:
+            self._future(self.steps[0], n)
 
-    def sample(self, n: int) -> np.ndarray:
-        """n fresh rows (n, H): float16 when stored so (half the object-store bytes),
-        float32 otherwise. `PoolClient` converts to float32."""
-        x = self.draw(n)["acts"]                                                 # (n, H)
+    def _future(self, step: int, n: int) -> Future:
+        with self._lock:
+            key = (int(step), int(n))
+            fut = self._draws.get(key)
+            if fut is None:
+                fut = self._draws[key] = self._pool.submit(self._compute, *key)
+            # hold the last `keep` draws; the store frees a dropped one once no trial holds it
+            old = [k for k in sorted(self._draws) if k != key and self._draws[k].done()]
+            for k in old[:max(0, len(self._draws) - self.keep)]:
+                del self._draws[k]
+            return fut
+
+    def _compute(self, step: int, n: int):
+        if not 0 < n <= self.total:
+            raise ValueError(f"resampling draw of {n} rows from {self.total} rows of "
+                             f"{self.source}")
+        rng = np.random.default_rng([self.seed, _DRAW, step])
+        x = draw_rows(self.groups, n, rng, self.rows_per_group)["acts"]            # (n, H)
         if self.groups.dtype == "bfloat16":  # stored as uint16 bits: decode here
-            return to_float32(x, "bfloat16").numpy()
-        return x
+            x = to_float32(x, "bfloat16").numpy()
+        with self._lock:
+            self.counts["computed"] += 1
+        logger.info("ResampleService: drew %d rows for step %d (%.0f MB)", n, step,
+                    x.nbytes / 1e6)
+        return self._put(x)
 
-    def draw(self, n: int) -> dict[str, np.ndarray]:
-        """n fresh rows with their origin: {"acts" (n, H) stored dtype, "shard" (n,),
-        "row" (n,) global row id}. Waits while fewer than n pool rows are fresh."""
+    def draw(self, step: int, n: int) -> list:
+        """[the (n, H) draw of `step`] (an ObjectRef in the actor: the list keeps Ray from
+        inlining the array into the reply, so every trial shares the one stored copy)."""
         if not isinstance(n, (int, np.integer)) or n <= 0:
-            raise ValueError(f"ResamplePool.sample needs a positive row count, got {n!r}")
-        if n > self.capacity:
-            with self._cond:
-                rng = self._serve_rng.spawn(1)[0]
-                self.counts["calls"] += 1
-                self.counts["direct"] += n
-            logger.warning("ResamplePool: %d rows asked, the pool holds %d: drawing them from "
-                           "the shards directly (raise sweep.pool_rows)", n, self.capacity)
-            return draw_rows(self.groups, n, rng, self.rows_per_group)
-        with self._cond:
-            self._cond.wait_for(lambda: self.error is not None or self.fresh.sum() >= n)
-            if self.error is not None:
-                raise RuntimeError(f"ResamplePool over {self.source} cannot refill: "
-                                   f"{self.error!r}") from self.error
-            idx = self._serve_rng.choice(np.flatnonzero(self.fresh), size=n, replace=False)
-            out = {"acts": self.acts[idx], "shard": self.shard[idx], "row": self.row[idx]}
-            self.fresh[idx] = False
-            self.counts["served"] += n
-            self.counts["calls"] += 1
-            self._cond.notify_all()
-        return out
+            raise ValueError(f"ResampleService.draw needs a positive row count, got {n!r}")
+        t0 = time.perf_counter()
+        fut = self._future(step, n)
+        try:
+            out = fut.result()
+        except BaseException:
+            with self._lock:  # not cached: the next request (a retry) computes it again
+                if self._draws.get((int(step), int(n))) is fut:
+                    del self._draws[(int(step), int(n))]
+            raise
+        wait = time.perf_counter() - t0
+        with self._lock:
+            self.counts["served"] += 1
+            self.counts["max_wait_s"] = max(self.counts["max_wait_s"], wait)
+            self.served[int(step)] = self.served.get(int(step), 0) + 1
+        later = [s for s in self.steps if s > step]
+        if later:  # the next step's draw, ahead of the trials that will ask for it
+            self._future(later[0], n)
+        return [out]
 
     def stats(self) -> dict:
-        """Pool state: source, capacity, fresh rows, served / drawn / direct row counts,
-        calls, the actor's pid (a restart changes it) and any refill error."""
-        with self._cond:
-            return {"source": self.source, "capacity": self.capacity,
-                    "fresh": int(self.fresh.sum()), **self.counts, "pid": os.getpid(),
-                    "error": repr(self.error) if self.error else None}
-
-    def ready(self) -> dict:
-        """Wait until the pool is full (the first fill); returns `stats()`."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.error is not None or self.fresh.all())
-        return self.stats()
-
-    def _refill_forever(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: not self.fresh.all())
-                    slots = np.flatnonzero(~self.fresh)                           # (k,)
-                rows = draw_rows(self.groups, len(slots), self._fill_rng, self.rows_per_group)
-                with self._cond:
-                    self.acts[slots] = rows["acts"]
-                    self.shard[slots], self.row[slots] = rows["shard"], rows["row"]
-                    self.fresh[slots] = True
-                    self.counts["drawn"] += len(slots)
-                    self._cond.notify_all()
-        except BaseException as err:  # surfaced to every waiting and later sample() call
-            logger.exception("ResamplePool refill failed")
-            with self._cond:
-                self.error = err
-                self._cond.notify_all()
+        """source, rows, draws computed, requests served (total and per step), the longest
+        wait of a request, the draws held, and the actor's pid (a restart changes it)."""
+        with self._lock:
+            return {"source": self.source, "rows": self.total, **self.counts,
+                    "served_per_step": dict(self.served), "held": sorted(self._draws),
+                    "pid": os.getpid()}
 
 
-def pool_name(experiment_dir: str) -> str:
-    """The actor name of an experiment's pool: its base name + a hash of its full path, so
-    two sweeps named alike (other run dirs, other users) never share a pool."""
+def service_name(experiment_dir: str) -> str:
+    """The actor name of an experiment's service: its base name + a hash of its full path,
+    so two sweeps named alike (other run dirs, other users) never share one."""
     digest = hashlib.sha1(str(experiment_dir).encode()).hexdigest()[:8]
-    return f"resample-pool-{str(experiment_dir).rstrip('/').rsplit('/', 1)[-1]}-{digest}"
+    return f"resample-{str(experiment_dir).rstrip('/').rsplit('/', 1)[-1]}-{digest}"
 
 
-def start_pool(source, name: str, pool_rows: int, seed: int = 0, rows_per_group: int = 512):
-    """The named ResamplePool actor (`name` in POOL_NAMESPACE), created or, if it runs
-    already, reused. Owned by the calling driver (not detached): it dies with the driver.
-    Ray restarts it if it dies (`max_restarts=-1`: a restart refills it) and retries the
-    calls in flight (`max_task_retries=-1`). num_cpus=0: it idles between resamplings and
-    must not take a CPU slot from the trials."""
+def start_service(source, name: str, seed: int, steps, n: int, H: int,
+                  rows_per_group: int = 512, keep: int = 2):
+    """The named ResampleService actor (`name` in NAMESPACE), created or, if it runs
+    already, reused.
+
+    Lives deliberately: owned by the calling driver (not detached: it dies with the sweep),
+    placed on the driver's node (soft affinity: the head under `ray job submit`, which the
+    autoscaler never removes, unlike an idle worker node), restarted by Ray if it dies
+    (`max_restarts=-1`; the draws are recomputed, the same rows) with the calls in flight
+    retried. It reserves the heap a draw takes to build (~3 x n x H x 4 bytes: the row
+    groups read, their rows, the subset); the `keep` draws it holds (n x H x 2 bytes each in
+    float16) sit in the object store. num_cpus=0: it idles between resamplings and must not
+    take a CPU slot from the trials."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor = ray.remote(ResamplePool).options(
-        name=name, namespace=POOL_NAMESPACE, get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_task_retries=-1, max_concurrency=8)
-    handle = actor.remote(source, pool_rows, seed, rows_per_group)
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(_RayService).options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
+        memory=max(1, 3 * n * H * 4), max_restarts=-1, max_task_retries=-1,
+        max_concurrency=16,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))
+    handle = actor.remote(source, seed, tuple(steps), n, rows_per_group, keep)
     found = ray.get(handle.stats.remote())["source"]
     if found != str(source):
-        raise ValueError(f"a ResamplePool named {name!r} already serves {found!r}, "
+        raise ValueError(f"a ResampleService named {name!r} already serves {found!r}, "
                          f"not {str(source)!r}")
     return handle
 
 
-class PoolClient:
-    """A `ResampleSource` over the pool actor: what the sweep hands train_sae. Picklable
-    (an actor handle), so Tune ships it to every trial."""
+class _RayService(ResampleService):
+    """ResampleService as an actor: draws go into the object store (`ray.put`) once."""
+
+    def __init__(self, *args):
+        import ray
+
+        super().__init__(*args, put=ray.put)
+
+
+class SharedDraw:
+    """The `ResampleSource` the sweep hands train_sae: `at_step(step).sample(n)` fetches
+    the service's draw of that step (by reference: one fetch per node, read-only, float16
+    when stored so). Picklable (an actor handle), so Tune ships it to every trial."""
 
     def __init__(self, handle):
         self.handle = handle
 
+    def at_step(self, step: int) -> _StepDraw:
+        return _StepDraw(self.handle, step)
+
     def sample(self, n: int) -> np.ndarray:
-        """n fresh rows (n, H) float32 (a writable copy; Ray's arrays are read-only views)."""
+        raise TypeError("SharedDraw serves one draw per resample step: call at_step(step)")
+
+
+class _StepDraw:
+    def __init__(self, handle, step: int):
+        self.handle, self.step = handle, step
+
+    def sample(self, n: int) -> np.ndarray:
         import ray
 
-        return np.array(ray.get(self.handle.sample.remote(n)), dtype=np.float32)
+        (ref,) = ray.get(self.handle.draw.remote(self.step, n))
+        return ray.get(ref)
+
+
+def source_at(source: ResampleSource, step: int) -> ResampleSource:
+    """The source to resample from at `step`: `source.at_step(step)` for sources whose
+    draws are seeded by the step (the sweep's SharedDraw, train_sae's default), else the
+    source itself."""
+    at_step = getattr(source, "at_step", None)
+    return at_step(step) if at_step is not None else source

@@ -12,22 +12,38 @@ path or an s3:// / gs:// URI, which multi-node clusters need):
         sae/                         the export (cfg.json, sae.safetensors, sae_lens/) ...
         metrics.json history.json density.npy density.png   ... copied when the trial ends
         wandb/offline-run-*          with --wandb and no WANDB_API_KEY
-    trials.json                      the index analysis reads (`index_trials`)
+    pack<K>_l1_<l1>_lr_<lr>_<id>/    a packed trial (sweep.pack, mono.pack): K grid points
+        checkpoint_00000N/<name>/    one train_sae checkpoint per member
+        sae/<name>/                  each member's export + metrics.json history.json
+                                     density.npy density.png (failed.json if it diverged)
+    trials.json                      the index analysis reads (`index_trials`): one row per
+                                     SAE (a pack member's name: <trial>/<name>)
     report/index.html + PNGs         the sweep report (mono.pages.write_sweep_report)
 
-Each trial trains in its local Tune working directory and reports every eval to Tune
-(`tune.report` with `tune.Checkpoint.from_directory` of train_sae's checkpoint): the
-metrics, and the eval's log10 feature densities as an (F,) array, which Tune's TensorBoard
-logger writes as a histogram. A crashed trial is retried `max_failures` times from its last
+Each trial trains in its local Tune working directory and reports to Tune every
+`sae.report_interval` steps (the cheap scalars: train loss / MSE / L0 since the last
+report, dead fraction) and at every checkpoint (evals, checkpoint_interval, the end; with
+`tune.Checkpoint.from_directory` of train_sae's checkpoint and, at evals, every eval
+metric). `timesteps_total` is the SAE step, so TensorBoard and W&B plot against it; Tune's
+metric is HEADLINE (mode max), and every row carries the last eval's metrics (`eval_step`
+says which eval), so Tune's status table shows l1_coeff, lr, step, L0, loss recovered and
+dead throughout. Rows hold scalars only: the eval's log10 feature densities (F,) reach
+TensorBoard as a histogram that `DensityHistograms` writes on the driver from each eval
+checkpoint's density.npy. A retry repeats the reports between its checkpoint and the
+crash (same timesteps_total), and Tune restores the trial's result.json from its last sync
+to storage, so rows reported after that sync and before the crash are missing there.
+A crashed trial is retried `max_failures` times from its last
 reported checkpoint (FailureConfig); an interrupted experiment is restored by running the
 same command again (`Tuner.restore(resume_errored=True)`): finished trials are kept,
 unfinished and errored ones resume from their checkpoints. Every trial streams the shards
-in the order seeded by cfg.seed, so grid points see the same batches; resampling inputs
-come from one shared `ResamplePool` actor (mono.resample).
+in the order seeded by cfg.seed, so grid points see the same batches, and resample from
+the same inputs: one draw per resample step, seeded by (seed, step), that the
+experiment's `ResampleService` actor computes once and hands to every trial by reference
+(mono.resample; a retried trial gets the same draw).
 
 Resources: `cpus_per_trial` / `gpus_per_trial` per trial (fractional GPUs pack several SAEs
 on one GPU; memory is not isolated, so cap with max_concurrent_trials). Trials read Parquet
-with pyarrow threads, not Ray Data, so they need no spare CPU slots; the pool takes none.
+with pyarrow threads, not Ray Data, so they need no spare CPU slots; the service takes none.
 With gpus_per_trial = 0, sae.device "auto" means cpu (a trial must not grab a GPU it was
 not given).
 
@@ -39,10 +55,12 @@ sweep.name). trials.json and the report are written at the end of `run` and by `
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -52,7 +70,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import pages, resample, store, train_sae
+from mono import pack, pages, resample, store, train_sae
 from mono.config import Config
 from mono.errors import BadOutput, MissingInput, UserError
 
@@ -68,7 +86,17 @@ not the driver's): the fault switches of the tests."""
 PUBLISHED = (train_sae.METRICS, train_sae.HISTORY, train_sae.DENSITY_PNG)
 """Files of a finished trial's workdir copied next to its sae/ (plus density.npy)."""
 DENSITY_FLOOR = -10.0
-"""log10 density reported for features that never fired (JSON has no -inf)."""
+"""log10 density written for features that never fired (TensorBoard histograms)."""
+HEADLINE, FALLBACK = "loss_recovered_mean", "loss_recovered"
+"""Tune's metric (mode max): loss recovered against mean ablation (DESIGN.md: the sweep's
+headline); the paper's zero-ablation figure stands in where train_sae lacks the first."""
+DEFAULT_GPU_BYTES = 24 * 2**30
+"""GPU memory assumed by `pack_size` when the driver sees no GPU: cluster.yaml's g5 nodes
+(NVIDIA A10G, 24 GiB)."""
+STATUS_COLUMNS = {"train_l0": "L0", HEADLINE: "loss rec.", "dead_fraction": "dead",
+                  "timesteps_total": "step"}
+"""The status table's metric columns (the classic CLIReporter; the default reporter shows
+the first four scalars of each result, which `trial_result` orders the same way)."""
 
 
 # --- where things are --------------------------------------------------------------------
@@ -86,8 +114,13 @@ def experiment_dir(cfg: Config) -> str:
 
 
 def trial_dirname(trial) -> str:
-    """Trial directory names: l1_<l1>_lr_<lr>_<trial id> (the grid point, readable)."""
+    """Trial directory names: l1_<l1>_lr_<lr>_<trial id> (the grid point, readable), or
+    pack<K>_l1_<l1>_lr_<lr>_<trial id> (a pack, by its first member)."""
     c = trial.config
+    if "pack" in c:
+        first = c["pack"][0]
+        return f"pack{len(c['pack'])}_l1_{first['l1_coeff']:g}_lr_{first['lr']:g}_" \
+               f"{trial.trial_id}"
     return f"l1_{c['l1_coeff']:g}_lr_{c['lr']:g}_{trial.trial_id}"
 
 
@@ -99,7 +132,8 @@ def _identity(cfg: Config) -> dict:
     sae = asdict(cfg.sae)
     sae.pop("device")
     return {"out": cfg.out, "seed": cfg.seed, "sae": sae, "name": cfg.sweep.name,
-            "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr)}
+            "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr),
+            "pack": cfg.sweep.pack}
 
 
 def check_storage(path: str) -> None:
@@ -119,6 +153,8 @@ def check_inputs(cfg: Config) -> dict:
     existing experiment of that name that matches this config. Returns
     {"experiment", "restore": bool, "inputs"}."""
     inputs = train_sae.check_inputs(cfg)
+    # the schedule's warnings once on the driver, not only in every trial's log
+    train_sae.check_schedule(cfg.sae, train_sae.plan_steps(cfg.sae, inputs["rows"])[0])
     exp = experiment_dir(cfg)
     check_storage(exp)
     restore = tune.Tuner.can_restore(exp)
@@ -150,8 +186,9 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
     """Tune function trainable: train the SAE of grid point `config` (l1_coeff, lr).
 
     Trains in the trial's local working directory, resuming from Tune's checkpoint when
-    there is one (a retry or a restore); reports every eval; at the end copies the export
-    and final metrics to <experiment>/<trial>/.
+    there is one (a retry or a restore); reports to Tune every report_interval steps and at
+    every checkpoint (`trial_result`); at the end copies the export and final metrics to
+    <experiment>/<trial>/.
     """
     os.environ.update(env)
     t_enter = time.perf_counter()
@@ -161,19 +198,119 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
         start = _checkpoint_step(resume)
-        setup = {}
+        last_eval, setup = {}, {}
 
-        def on_eval(metrics: dict, checkpoint_dir: str) -> None:
-            if not setup:  # entry -> first training step, this attempt (see _setup_s)
-                setup["s"] = _setup_s(metrics, start, time.perf_counter() - t_enter,
-                                      trial_cfg.sae.batch_size)
-            result = {**metrics, "setup_s": setup["s"],
-                      "log10_density": _log10_density(checkpoint_dir)}
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        def on_report(result: dict, checkpoint_dir: str | None) -> None:
+            if "loss_sae" in result:  # an eval step
+                last_eval.clear()
+                last_eval.update(result)
+                if not setup:  # entry -> first training step, this attempt (see _setup_s)
+                    setup["s"] = _setup_s(result, start, time.perf_counter() - t_enter,
+                                          trial_cfg.sae.batch_size)
+            row = trial_result(result, last_eval) | ({"setup_s": setup["s"]} if setup else {})
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
+                        if checkpoint_dir else None)
 
         train_sae.train(trial_cfg, workdir, source=source, resume_from=resume,
-                        on_eval=on_eval)
+                        on_report=on_report)
     publish(workdir, store.join(experiment, name))
+
+
+def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
+                     env: dict) -> None:
+    """Tune function trainable of a pack (config {"pack": [{l1_coeff, lr}, ...]}): the
+    members train on one stream (mono.pack) in the trial's working directory, resuming
+    from Tune's pack checkpoint (<name>/ per member); one Tune report per step at which
+    every live member reported (`pack_result`), with one checkpoint of all members; at
+    the end each member's export and metrics go to <experiment>/<trial>/sae/<name>/."""
+    os.environ.update(env)
+    name = os.path.basename(tune.get_context().get_trial_dir())
+    workdir = os.path.join(os.getcwd(), f"pack-{name}")
+    checkpoint = tune.get_checkpoint()
+    # other grid axes (e.g. a dictionary size) apply to the whole pack: sizes never mix
+    trial_cfg = replace(cfg, sae=replace(cfg.sae, **{k: v for k, v in config.items()
+                                                      if k != "pack"}))
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
+        p = pack.Pack(trial_cfg, config["pack"], workdir, source=source, resume_from=resume)
+        pending: dict[int, dict] = {}
+        last_eval: dict[str, dict] = {n: {} for n in p.runs}
+
+        def on_report(member: str, result: dict, checkpoint_dir: str | None) -> None:
+            if "loss_sae" in result:
+                last_eval[member] = result
+            step = result["step"]
+            pending.setdefault(step, {})[member] = (result, checkpoint_dir)
+            if not set(p.live()) <= set(pending[step]):
+                return
+            rows = pending.pop(step)
+            for old in [s for s in pending if s < step]:  # a lagging member's catch-up
+                del pending[old]
+            row = pack_result({m: trial_result(r, last_eval[m]) for m, (r, _) in rows.items()},
+                              step)
+            paths = {m: c for m, (_, c) in rows.items() if c}
+            if not paths:
+                tune.report(row)
+                return
+            with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp:
+                members = {**paths, **{m: None for m in p.status}}
+                ckpt = pack.pack_checkpoint(os.path.join(tmp, "pack"), members, workdir)
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(ckpt))
+
+        p.fit(on_report)
+        status = p.finish()
+    publish_pack(workdir, status, store.join(experiment, name))
+
+
+def pack_result(members: dict[str, dict], step: int) -> dict:
+    """A pack's Tune row: the status-table keys of its best member (by HEADLINE), then
+    every member's scalars under members/<name>/..."""
+    def key(m):
+        v = members[m][HEADLINE]
+        return v if isinstance(v, float) and math.isfinite(v) else -math.inf
+
+    best = max(members, key=key)
+    row = {k: members[best][k] for k in ("train_l0", HEADLINE, "dead_fraction", "train_loss")}
+    return row | {"timesteps_total": step, "step": step, "best_member": best,
+                  "members": members}
+
+
+def headline(metrics: dict) -> float:
+    """The sweep's headline from an eval's metrics: HEADLINE (loss recovered against mean
+    ablation), else FALLBACK (the paper's zero-ablation figure) while train_sae does not
+    compute it yet; NaN before the first eval."""
+    if HEADLINE in metrics:
+        return metrics[HEADLINE]
+    if FALLBACK in metrics:
+        if not _fallback_warned:
+            _fallback_warned.append(True)
+            logger.warning("sweep: train_sae reports no %s; Tune ranks trials by %s instead "
+                           "(reported under %s)", HEADLINE, FALLBACK, HEADLINE)
+        return metrics[FALLBACK]
+    return float("nan")
+
+
+_fallback_warned: list = []
+
+
+def trial_result(result: dict, last_eval: dict) -> dict:
+    """One Tune result row from train_sae's report: scalars only (never per-feature
+    arrays). The first keys are what Tune's status table shows beside l1_coeff, lr and ts
+    (= timesteps_total = the SAE step): train_l0, the headline of the last eval, the dead
+    fraction and train_loss; then the last eval's metrics (`eval_step` says which), and
+    the report's own."""
+    row = {"train_l0": result.get("train_l0", float("nan")),
+           HEADLINE: headline(last_eval), "dead_fraction": result["dead_fraction"],
+           "train_loss": result.get("train_loss", float("nan")),
+           "timesteps_total": result["step"]}
+    if last_eval:
+        row["eval_step"] = last_eval["step"]
+        row |= {k: v for k, v in last_eval.items() if k not in row and _scalar(v)}
+    row |= {k: v for k, v in result.items() if _scalar(v)}
+    return row
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (bool, int, float, np.integer, np.floating))
 
 
 def _checkpoint_step(path: str | None) -> int:
@@ -191,18 +328,72 @@ def _setup_s(metrics: dict, start: int, elapsed: float, batch_size: int) -> floa
     return max(0.0, elapsed - metrics.get("eval_s", 0.0) - train_s)
 
 
-def _log10_density(checkpoint_dir: str) -> np.ndarray:
-    """(F,) float32 log10 eval densities of a checkpoint (never-fired features at -10)."""
-    density = np.load(os.path.join(checkpoint_dir, train_sae.DENSITY))         # (F,)
+def log10_density(density: np.ndarray) -> np.ndarray:
+    """(F,) float32 log10 of eval densities (F,) (never-fired features at DENSITY_FLOOR)."""
     with np.errstate(divide="ignore"):
         return np.maximum(np.log10(density), DENSITY_FLOOR).astype(np.float32)
 
 
-def publish(workdir: str, dest: str) -> None:
+class DensityHistograms(tune.Callback):
+    """Driver-side: each eval checkpoint's log10 feature densities as a TensorBoard
+    histogram in the trial dir (beside Tune's scalars, x = the SAE step), read from the
+    checkpoint's density.npy, so the (F,) array never enters a result row (result.json,
+    progress.csv, the experiment state)."""
+
+    def __init__(self):
+        self._writers: dict = {}
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        fs, path = checkpoint.filesystem, checkpoint.path
+        if fs.get_file_info(f"{path}/{train_sae.STATE}").type == pafs.FileType.File:
+            runs = [("ray/tune/log10_density", path)]
+        else:  # a pack's checkpoint: one train_sae checkpoint per member
+            runs = [(f"ray/tune/{i.base_name}/log10_density", i.path)
+                    for i in fs.get_file_info(pafs.FileSelector(path))
+                    if fs.get_file_info(f"{i.path}/{train_sae.STATE}").type
+                    == pafs.FileType.File]
+        for tag, run in runs:
+            self._write(trial, fs, tag, run)
+
+    def _write(self, trial, fs, tag: str, path: str) -> None:
+        with fs.open_input_file(f"{path}/{train_sae.STATE}") as fh:
+            state = json.loads(fh.read())
+        history = state.get("history") or [{}]
+        if history[-1].get("step") != state["step"]:  # not an eval step: nothing new
+            return
+        with fs.open_input_file(f"{path}/{train_sae.DENSITY}") as fh:
+            density = np.load(io.BytesIO(fh.read()))                           # (F,)
+        writer = self._writers.get(trial.trial_id)
+        if writer is None:
+            from tensorboardX import SummaryWriter  # Tune's own TensorBoard dependency
+
+            trial.init_local_path()
+            writer = SummaryWriter(trial.local_path, filename_suffix=".density")
+            self._writers[trial.trial_id] = writer
+        writer.add_histogram(tag, log10_density(density), global_step=state["step"])
+        writer.flush()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def _close(self, trial) -> None:
+        writer = self._writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment
+        return {"_writers": {}}
+
+
+def publish(workdir: str, dest: str, export_to: str | None = None) -> None:
     """Copy a finished run's sae/, metrics, history, density histogram and densities from
-    its local workdir to the trial dir in storage (sae/ replaced whole)."""
+    its local workdir to the trial dir in storage (sae/ replaced whole; export_to: put the
+    export there instead of <dest>/sae)."""
     fs, dest_path = store.resolve(dest)
-    sae_dest = f"{dest_path}/{train_sae.EXPORT}"
+    sae_dest = store.resolve(export_to)[1] if export_to else f"{dest_path}/{train_sae.EXPORT}"
     if fs.get_file_info(sae_dest).type != pafs.FileType.NotFound:
         fs.delete_dir(sae_dest)
     pafs.copy_files(os.path.join(workdir, train_sae.EXPORT), sae_dest,
@@ -212,6 +403,17 @@ def publish(workdir: str, dest: str) -> None:
     for name, src in files.items():
         with open(src, "rb") as fh:
             store.write_bytes_atomic(store.join(dest, name), fh.read())
+
+
+def publish_pack(workdir: str, status: dict[str, dict], dest: str) -> None:
+    """Each finished member's export + metrics to <dest>/sae/<name>/ (what `publish` puts
+    in a one-SAE trial dir), a failed member's failed.json there."""
+    for name, st in status.items():
+        target = store.join(dest, train_sae.EXPORT, name)
+        if st["status"] == "done":
+            publish(os.path.join(workdir, name), target, export_to=target)
+        else:
+            store.write_json(store.join(target, pack.FAILED), st)
 
 
 # --- the sweep ---------------------------------------------------------------------------
@@ -226,15 +428,27 @@ def run(cfg: Config) -> dict:
         cfg = replace(cfg, sae=replace(cfg.sae, device="cpu"))
     checked = check_inputs(cfg)
     exp, restoring = checked["experiment"], checked["restore"]
+    saved = store.join(exp, SWEEP_JSON)
+    if restoring and store.exists(saved) and "pack_size" in store.read_json(saved):
+        k = store.read_json(saved)["pack_size"]   # the trials as they were first made
+    else:
+        k = pack_size(cfg, checked["inputs"]["H"])
     if not restoring:
-        store.write_json(store.join(exp, SWEEP_JSON),
-                         {"identity": _identity(cfg), "config": cfg.to_dict()})
-    pool = resample.start_pool(cfg.out, resample.pool_name(exp), cfg.sweep.pool_rows,
-                               cfg.seed, cfg.sweep.pool_rows_per_group)
+        store.write_json(saved, {"identity": _identity(cfg), "config": cfg.to_dict(),
+                                 "pack_size": k})
+    logger.info("sweep: %d grid points, %s", len(grid_points(cfg)),
+                f"packs of up to {k} SAEs per trial" if k > 1 else "one SAE per trial")
+    inputs = checked["inputs"]
+    n_steps = train_sae.plan_steps(cfg.sae, inputs["rows"])[0]
+    service = resample.start_service(
+        cfg.out, resample.service_name(exp), cfg.seed,
+        [s for s in cfg.sae.resample_at if s < n_steps],
+        min(cfg.sae.resample_inputs, inputs["rows"]), inputs["H"], cfg.sweep.draw_rows_per_group)
     env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, cfg=cfg, experiment=exp,
-                             source=resample.PoolClient(pool), env=env),
+        tune.with_parameters(train_pack_trial if k > 1 else train_trial, cfg=cfg,
+                             experiment=exp,
+                             source=resample.SharedDraw(service), env=env),
         {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
     if cfg.sweep.wandb:
         _wandb_offline()
@@ -243,11 +457,11 @@ def run(cfg: Config) -> dict:
             logger.info("sweep: restoring %s (finished trials are kept)", exp)
             tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space=param_space(cfg),
+            tuner = tune.Tuner(trainable, param_space=param_space(cfg, k),
                                tune_config=_tune_config(cfg), run_config=_run_config(cfg))
         tuner.fit()
-    finally:  # the pool is the driver's: free its memory now, not at driver exit
-        ray.kill(pool, no_restart=True)
+    finally:  # the service is the driver's: free its draws now, not at driver exit
+        ray.kill(service, no_restart=True)
     summary = report(cfg) | {"restored": restoring, "wall_s": time.perf_counter() - t0}
     bad = [t for t in summary["trials"] if t["status"] != "done"]
     if bad:
@@ -258,10 +472,41 @@ def run(cfg: Config) -> dict:
     return summary
 
 
-def param_space(cfg: Config) -> dict:
-    """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config))."""
-    return {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
-            "lr": tune.grid_search(list(cfg.sweep.lr))}
+def param_space(cfg: Config, k: int = 1) -> dict:
+    """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config));
+    with k > 1, {"pack": grid_search over the grid points in packs of up to k}."""
+    if k <= 1:
+        return {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
+                "lr": tune.grid_search(list(cfg.sweep.lr))}
+    points = grid_points(cfg)
+    n = -(-len(points) // -(-len(points) // k))   # even packs: 5 points at k 4 -> 3 + 2
+    return {"pack": tune.grid_search([points[i:i + n] for i in range(0, len(points), n)])}
+
+
+def grid_points(cfg: Config) -> list[dict]:
+    """Every (l1_coeff, lr) point of the grid, in the order Tune's grid_search makes them."""
+    return [{"l1_coeff": l1, "lr": lr} for lr in cfg.sweep.lr for l1 in cfg.sweep.l1_coeff]
+
+
+def pack_size(cfg: Config, H: int) -> int:
+    """SAEs per trial: sweep.pack, or (0) as many as fit the trial's device memory
+    (`pack.pack_memory` per SAE against 80% of gpus_per_trial x the GPU's memory, or of
+    half the node's RAM shared by the concurrent trials on CPU), at most the grid."""
+    n = len(grid_points(cfg))
+    if cfg.sweep.pack:
+        return min(cfg.sweep.pack, n)
+    per_sae = pack.pack_memory(cfg, H)
+    sw = cfg.sweep
+    if sw.gpus_per_trial > 0:
+        import torch
+
+        gpu = (torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
+               else DEFAULT_GPU_BYTES)   # the driver (head node) often has no GPU
+        budget = 0.8 * gpu * min(1.0, sw.gpus_per_trial)
+    else:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = 0.5 * ram / max(1, sw.max_concurrent_trials or 1)
+    return max(1, min(n, int(budget // per_sae)))
 
 
 def _wandb_offline() -> dict:
@@ -276,19 +521,27 @@ def _wandb_offline() -> dict:
 
 
 def _tune_config(cfg: Config) -> tune.TuneConfig:
-    return tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
+    return tune.TuneConfig(metric=HEADLINE, mode="max",
+                           max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
                            trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname)
 
 
 def _run_config(cfg: Config) -> tune.RunConfig:
-    callbacks = []
+    callbacks = [DensityHistograms()]
     if cfg.sweep.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         callbacks.append(WandbLoggerCallback(project="mono", group=cfg.sweep.name,
-                                             excludes=["log10_density"], **_wandb_offline()))
+                                             **_wandb_offline()))
+    # The classic table when RAY_AIR_NEW_OUTPUT=0 (otherwise Tune ignores it, with a warning)
+    reporter = None
+    if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") == "0":
+        reporter = tune.CLIReporter(metric_columns=STATUS_COLUMNS,
+                                    parameter_columns={"l1_coeff": "l1", "lr": "lr"},
+                                    metric=HEADLINE, mode="max")
     return tune.RunConfig(
         name=cfg.sweep.name, storage_path=storage_root(cfg), callbacks=callbacks,
+        progress_reporter=reporter,
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
 
@@ -322,15 +575,52 @@ def index_trials(exp: str) -> list[dict]:
     lr, status (done | error | unfinished), dir, sae_dir (done only), metrics (the final
     metrics.json; done only), last_report (the last metrics Tune got), reports (how many),
     error (the first line of error.txt, if not done)."""
-    trials = [_trial_entry(exp, name) for name in _trial_dirs(exp)]
+    trials = [e for name in _trial_dirs(exp) for e in _trial_entries(exp, name)]
     trials.sort(key=lambda t: (t["l1_coeff"], t["lr"], t["name"]))
     store.write_json(store.join(exp, TRIALS_JSON), {"experiment": exp, "trials": trials})
     return trials
 
 
-def _trial_entry(exp: str, name: str) -> dict:
+def _trial_entries(exp: str, name: str) -> list[dict]:
+    """One entry per SAE of a trial dir: the trial's, or one per member of a pack (name
+    <trial>/<member>, dir and sae_dir <trial>/sae/<member>, trial: the pack's dir name)."""
     d = store.join(exp, name)
     params = store.read_json(store.join(d, "params.json"))
+    if "pack" not in params:
+        return [_trial_entry(exp, name)]
+    whole = _trial_entry(exp, name, params={"l1_coeff": None, "lr": None})
+    out = []
+    for member in params["pack"]:
+        m = pack.member_name(member)
+        md = store.join(d, train_sae.EXPORT, m)
+        entry = {**whole, "name": f"{name}/{m}", "trial": name, "dir": md, **member,
+                 "last_report": _member_report(d, m)}
+        if all(store.exists(store.join(md, f)) for f in ("cfg.json", train_sae.SAE_WEIGHTS,
+                                                          train_sae.METRICS)):
+            entry.pop("error", None)
+            entry |= {"status": "done", "sae_dir": md,
+                      "metrics": store.read_json(store.join(md, train_sae.METRICS))}
+        elif store.exists(store.join(md, pack.FAILED)):
+            failed = store.read_json(store.join(md, pack.FAILED))
+            entry |= {"status": "error",
+                      "error": f"diverged at step {failed['step']}: {failed['error']}"[:500]}
+        out.append(entry)
+    return out
+
+
+def _member_report(trial_dir: str, member: str) -> dict:
+    """A pack member's last row in the trial's result.json (its members/<name> scalars)."""
+    path = store.join(trial_dir, "result.json")
+    if not store.exists(path):
+        return {}
+    lines = store.read_bytes(path).decode().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return _metrics_only((last.get("members") or {}).get(member, {}))
+
+
+def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
+    d = store.join(exp, name)
+    params = params or store.read_json(store.join(d, "params.json"))
     lines = []
     if store.exists(store.join(d, "result.json")):
         lines = store.read_bytes(store.join(d, "result.json")).decode().splitlines()

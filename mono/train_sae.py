@@ -26,15 +26,19 @@ first `geom_median_samples` rows of that same stream (paper; the seed skipped it
 init too is identical across a sweep and costs one window read.
 
 Resampling (paper appendix; mono.resample): a window opens `dead_window` steps before each
-step in `resample_at`; right after that step (and after its eval, so the metrics describe
-the trained weights), every feature that did not fire on any training batch in the window
-is resampled from `resample_inputs` fresh rows of `source` (at most the dataset's rows). A
-resample step equal to the run's last step is skipped (its fresh features would go
-untrained into the export); a resumed, longer run performs it first. The default source
-draws uniform rows from the shards with a generator seeded by (seed, step), so a resumed run
-draws the same rows; a sweep passes its shared ResamplePool, whose draws are only as
-repeatable as the pool. Right after a resample, reconstructions spike (the new encoder rows
-fire hard on outlier inputs: the paper's "loss spikes"); they settle within ~100 steps.
+step in `resample_at`, but never before the previous resample (`SaeConfig.window_starts`:
+one window per pending resample; a window longer than the gap between two resamples is cut
+short, with a warning, instead of overlapping the previous one); right after that step (and
+after its eval, so the metrics describe the trained weights), every feature that did not
+fire on any training batch in the window is resampled from `resample_inputs` fresh rows of
+`source` (at most the dataset's rows). A resample step equal to the run's last step is
+skipped (its fresh features would go untrained into the export); a resumed, longer run
+performs it first. Resample steps at or past the run's last step warn (`check_schedule`).
+The default source draws uniform rows from the shards with a generator seeded by (seed,
+step), so a resumed run draws the same rows; a sweep passes its `resample.SharedDraw`, one
+draw per step seeded by (seed, step) and shared by every trial. Right after a resample,
+reconstructions spike (the new encoder rows fire hard on outlier inputs: the paper's "loss
+spikes"); they settle within ~100 steps.
 
 Eval, every `eval_interval` steps and at the end, on a fixed held-out set: the first
 `eval_contexts` contexts of the val token split, every one of their T positions. One LM pass
@@ -113,8 +117,8 @@ from mono.acts import IDENTITY_KEYS, lm_checksum
 from mono.config import Config, SaeConfig
 from mono.errors import UserError
 from mono.lm import Lm
-from mono.reader import ActsReader, LocalShardSource, check_shards, shard_list
-from mono.resample import ResampleSource, resample
+from mono.reader import ActsReader, LocalShardSource, check_shards, local_shards, shard_list
+from mono.resample import ResampleSource, resample, source_at
 from mono.sae import SparseAutoencoder, Trainer
 
 logger = logging.getLogger(__name__)
@@ -127,7 +131,8 @@ METRICS, HISTORY, DENSITY_PNG = "metrics.json", "history.json", "density.png"
 ULTRALOW, DENSE = 1e-5, 1e-2
 """Eval-density thresholds of the ultralow and dense counts (paper, seed)."""
 # SaeConfig fields a resume may change; any other difference means another experiment.
-RESUMABLE_CHANGES = ("n_steps", "eval_interval", "checkpoint_interval", "device")
+RESUMABLE_CHANGES = ("n_steps", "eval_interval", "checkpoint_interval", "report_interval",
+                     "device")
 # Domain tags for np.random.default_rng([seed, tag, ...]): unrelated streams.
 _RESAMPLE, _SOURCE = 11, 12
 EVAL_CHUNK_ELEMENTS = 2**25
@@ -183,6 +188,27 @@ def plan_steps(sc: SaeConfig, rows: int) -> tuple[int, int]:
     return steps, 0
 
 
+def check_schedule(sc: SaeConfig, n_steps: int) -> list[str]:
+    """Warn (and return the warnings) about a resampling schedule that will not run as
+    written: windows cut short by the previous resample, resample steps at or past the
+    run's last step (they never happen in this run)."""
+    steps, out = sorted(sc.resample_at), []
+    short = [s for s, w in zip(steps, sc.window_starts)
+             if s - w < sc.dead_window]
+    if short:
+        out.append(f"sae.dead_window={sc.dead_window} is longer than the gap before the "
+                   f"resamples at {short}: their windows start at the previous resample "
+                   f"(or step 0)")
+    late = [s for s in steps if s >= n_steps]
+    if late:
+        out.append(f"sae.resample_at steps {late} are at or past this run's last step "
+                   f"{n_steps}: they will not run (raise sae.n_steps or collect more "
+                   f"activation rows: {n_steps} steps x sae.batch_size {sc.batch_size})")
+    for message in out:
+        logger.warning(message)
+    return out
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,15 +219,27 @@ def pick_device(name: str) -> torch.device:
 
 class _SeededSource:
     """The default ResampleSource: uniform shard rows, drawn by a generator seeded by
-    (seed, step) so a resumed run draws what a straight one drew."""
+    (seed, step) so a resumed run draws what a straight one drew. keep_last: keep the last
+    draw, so the members of a pack (mono.pack), which share one source, read it once."""
 
-    def __init__(self, out: str, seed: int):
+    def __init__(self, out: str, seed: int, keep_last: bool = False):
         self.out, self.seed, self.step, self._src = out, seed, 0, None
+        self.keep_last = keep_last
+        self._last: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def at_step(self, step: int) -> _SeededSource:
+        self.step = step
+        return self
 
     def sample(self, n: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == (self.step, n):
+            return self._last[1]
         if self._src is None:  # footers are read only when a resample happens
             self._src = LocalShardSource(self.out, seed=self.seed)
-        return self._src.sample(n, seed=[self.seed, _SOURCE, self.step])
+        x = self._src.sample(n, seed=[self.seed, _SOURCE, self.step])
+        if self.keep_last:
+            self._last = ((self.step, n), x)
+        return x
 
 
 # --- eval ------------------------------------------------------------------------------
@@ -489,10 +527,12 @@ class SaeRun:
     """One SAE training run: its model, trainer, reader position and bookkeeping."""
 
     def __init__(self, cfg: Config, workdir: str, source: ResampleSource | None,
-                 resume_from: str | None):
+                 resume_from: str | None, evalset: EvalSet | None = None):
+        """evalset: an EvalSet to share (mono.pack: one LM and eval cache for a pack)."""
         if store.is_uri(workdir):
             raise ValueError(f"the SAE workdir must be a local path, got {workdir!r}")
         self.cfg, self.workdir, sc = cfg, workdir, cfg.sae
+        self.shards: list[str] | str | None = None   # set by the first _reader
         self.inputs = check_inputs(cfg)
         self.device = pick_device(sc.device)
         self.n_steps, self.epochs = plan_steps(sc, self.inputs["rows"])
@@ -501,7 +541,8 @@ class SaeRun:
         ckpt = read_checkpoint(ckpt_path) if ckpt_path is not None else None
         if ckpt is not None:
             check_resumable(ckpt_path, ckpt[0], cfg, self.inputs)
-        self.lm = store.load_lm(cfg.out, expect=cfg.lm, device=str(self.device))
+        self.lm = evalset.lm if evalset is not None else store.load_lm(
+            cfg.out, expect=cfg.lm, device=str(self.device))
         gen = torch.Generator().manual_seed(cfg.seed)
         self.sae = SparseAutoencoder(self.inputs["H"], sc.n_features, sc.l1_coeff,
                                      device=self.device, generator=gen)
@@ -524,17 +565,15 @@ class SaeRun:
             self._restore(ckpt_path, *ckpt)
         else:
             self._init_b_dec()
-        self.evalset = EvalSet(cfg, self.lm, self.device, sc.n_features)
-        self.evalset.loss_orig, self.evalset.loss_zero = self.cached_losses
+        self.evalset = evalset or EvalSet(cfg, self.lm, self.device, sc.n_features)
+        if self.cached_losses[0] is not None:
+            self.evalset.loss_orig, self.evalset.loss_zero = self.cached_losses
         # Windows open for every resample step, even past n_steps: a later resume with more
         # steps then finds the same masks a straight run has.
         self.resample_at = set(sc.resample_at)
-        self.window_at = {max(0, s - sc.dead_window) for s in sc.resample_at}
+        self.window_at = set(sc.window_starts)
         steps = sorted(sc.resample_at)
-        if any(b - sc.dead_window < a for a, b in zip(steps, steps[1:])):
-            logger.warning("sae.dead_window=%d is longer than the gap between resamples %s: "
-                           "each window starts after the previous resample", sc.dead_window,
-                           steps)
+        check_schedule(sc, self.n_steps)
         self.resample_inputs = min(sc.resample_inputs, self.inputs["rows"])
         if self.resample_inputs < sc.resample_inputs and steps and steps[0] < self.n_steps:
             logger.warning("sae.resample_inputs=%d > the %d activation rows: scoring all of "
@@ -542,7 +581,9 @@ class SaeRun:
         self.fail_at = _fail_switch()
 
     def _reader(self, batch_size: int, **kw) -> ActsReader:
-        return ActsReader(self.cfg.out, batch_size, seed=self.cfg.seed,
+        if self.shards is None:  # remote shards: read from this node's cache when they fit
+            self.shards = local_shards(self.cfg.out) or self.cfg.out
+        return ActsReader(self.shards, batch_size, seed=self.cfg.seed,
                           shuffle_buffer=self.cfg.sae.shuffle_buffer, **kw)
 
     def _init_b_dec(self) -> None:
@@ -651,10 +692,8 @@ class SaeRun:
         self._fold()
         assert self.window is not None, f"no dead window open at resample step {self.step}"
         dead = ~self.window
-        if isinstance(self.source, _SeededSource):
-            self.source.step = self.step
-        res = resample(self.trainer, dead, self.source, self.resample_inputs, self.rng,
-                       self.cfg.sae.batch_size)
+        res = resample(self.trainer, dead, source_at(self.source, self.step),
+                       self.resample_inputs, self.rng, self.cfg.sae.batch_size)
         self.n_resampled += res.n_resampled
         self.window, self.last_resample = None, self.step
         logger.info("SAE step %d: resampled %d of %d features (total %d)", self.step,
@@ -689,61 +728,119 @@ class SaeRun:
                     out["samples_per_s"])
         return out
 
-    def fit(self, on_eval: Callable[[dict, str], None] | None) -> dict:
+    def fit(self, on_eval: Callable[[dict, str], None] | None,
+            on_report: Callable[[dict, str | None], None] | None = None) -> dict:
         """Train to n_steps (from wherever the run stands); returns the last eval's metrics.
 
         After each step: the fault switch; the eval (on eval steps, before a resample of the
         same step, so metrics describe the trained weights); the resample; the checkpoint
-        (+ on_eval) of the state after all of it.
+        (+ on_eval) of the state after all of it; `on_report` with the progress scalars
+        every report_interval steps and at every checkpoint (`progress`). The loop is
+        `begin`, then `train_step` + `after_step` per batch, then `end`: `mono.pack` drives
+        several runs through the same hooks from one reader.
         """
-        sc = self.cfg.sae
-        reader = self._reader(sc.batch_size, epochs=self.epochs, max_rows=self.n_steps *
-                              sc.batch_size, device=str(self.device), state=self.reader_state)
-        if self.resample_due():  # the checkpoint ended a shorter run right before a resample
-            self._resample()
-        train, t_train, rows_before = {"steps": 0}, 0.0, reader.rows
-        bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="sae",
-                   disable=None)
-        t0 = time.perf_counter()
+        reader = self.reader()
+        self.begin(reader, on_eval, on_report)
         for x in reader if self.step < self.n_steps else ():
-            if self.step in self.window_at:
-                self._open_window()
-            stats = self.trainer.step(x)
-            self.step += 1
-            self._check_finite(stats.loss, x, rows_before)
-            for k in ("loss", "mse", "l0"):
-                train[k] = train.get(k, 0.0) + getattr(stats, k)
-            train["steps"] += 1
-            self.reader_state, rows_before = reader.state(), reader.rows
-            self._maybe_fail()
-            bar.update(1)
-            evaluate = self.step % sc.eval_interval == 0 or self.step == self.n_steps
-            if evaluate or self.resample_due() or self.step % sc.checkpoint_interval == 0:
-                t_train += time.perf_counter() - t0
-                metrics = self.eval(train, t_train) if evaluate else None
-                if self.resample_due():
-                    self._resample()
-                path = self.checkpoint()
-                if metrics is not None:
-                    if on_eval is not None:
-                        on_eval(metrics, path)
-                    bar.set_postfix(l0=f"{metrics['l0']:.1f}",
-                                    rec=f"{metrics['loss_recovered']:.3f}")
-                    train, t_train = {"steps": 0}, 0.0
-                t0 = time.perf_counter()
+            self.train_step(x)
+            self.after_step(reader)
             if self.step == self.n_steps:
                 break
-        bar.close()
+        return self.end()
+
+    def reader(self) -> ActsReader:
+        """The training stream, positioned where this run stands."""
+        sc = self.cfg.sae
+        return self._reader(sc.batch_size, epochs=self.epochs, max_rows=self.n_steps *
+                            sc.batch_size, device=str(self.device), state=self.reader_state)
+
+    def begin(self, reader: ActsReader, on_eval=None, on_report=None) -> None:
+        """Set up a `fit` from the current step: callbacks, accumulators, progress bar."""
+        if self.resample_due():  # the checkpoint ended a shorter run right before a resample
+            self._resample()
+        self.on_eval, self.on_report = on_eval, on_report
+        self.train, self.t_train, self.rows_before = {"steps": 0}, 0.0, reader.rows
+        self.since_report: dict = {"steps": 0}
+        self.bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="sae",
+                        disable=None)
+        self.t0 = time.perf_counter()
+
+    def before_step(self) -> None:
+        """Open the dead window that starts at this step, if one does."""
+        if self.step in self.window_at:
+            self._open_window()
+
+    def train_step(self, x: Tensor) -> None:
+        """One training step on batch x and its bookkeeping."""
+        self.before_step()
+        self.record(self.trainer.step(x), x)
+
+    def record(self, stats, x: Tensor) -> None:
+        """Count the step that produced `stats` on batch x (NaN/Inf checked here)."""
+        self.step += 1
+        self._check_finite(stats.loss, x, self.rows_before)
+        for acc in (self.train, self.since_report):
+            for k in ("loss", "mse", "l0"):
+                acc[k] = acc.get(k, 0.0) + getattr(stats, k)
+            acc["steps"] += 1
+
+    def after_step(self, reader: ActsReader) -> None:
+        """Fault switch, eval, resample, checkpoint and reports due after this step."""
+        sc = self.cfg.sae
+        self.reader_state, self.rows_before = reader.state(), reader.rows
+        self._maybe_fail()
+        self.bar.update(1)
+        evaluate = self.step % sc.eval_interval == 0 or self.step == self.n_steps
+        if evaluate or self.resample_due() or self.step % sc.checkpoint_interval == 0:
+            self.t_train += time.perf_counter() - self.t0
+            # before the eval and the resample reset the firing masks
+            progress = self.progress() if self.on_report is not None else None
+            metrics = self.eval(self.train, self.t_train) if evaluate else None
+            if self.resample_due():
+                self._resample()
+            path = self.checkpoint()
+            if metrics is not None:
+                if self.on_eval is not None:
+                    self.on_eval(metrics, path)
+                self.bar.set_postfix(l0=f"{metrics['l0']:.1f}",
+                                     rec=f"{metrics['loss_recovered']:.3f}")
+                self.train, self.t_train = {"steps": 0}, 0.0
+            self._report(metrics, path, progress)
+            self.t0 = time.perf_counter()
+        elif sc.report_interval and self.step % sc.report_interval == 0:
+            self._report(None, None, self.progress() if self.on_report else None)
+
+    def end(self) -> dict:
+        """Close a `fit`: the final eval if the run resumed at its end; its metrics."""
+        self.bar.close()
         if self.step != self.n_steps:
             raise RuntimeError(f"the activation stream ended at step {self.step} of "
                                f"{self.n_steps}")
         if not self.history or self.history[-1]["step"] != self.step:
             # resumed at the end from a non-eval checkpoint
-            metrics = self.eval(train, t_train)
+            metrics = self.eval(self.train, self.t_train)
             path = self.checkpoint()
-            if on_eval is not None:
-                on_eval(metrics, path)
+            if self.on_eval is not None:
+                self.on_eval(metrics, path)
+            self._report(metrics, path, self.progress() if self.on_report else None)
         return self.history[-1]
+
+    def progress(self) -> dict:
+        """The cheap scalars of a report: step, examples, train_loss / train_mse /
+        train_l0 (means over the steps since the last report) and dead_fraction (features
+        that fired on no training batch since the last eval, a fraction of F)."""
+        acc, n = self.since_report, self.since_report["steps"]
+        out = {"step": self.step, "examples": self.step * self.cfg.sae.batch_size}
+        out |= {f"train_{k}": float(acc[k]) / n for k in ("loss", "mse", "l0") if n}
+        fired = self.since_eval | self.trainer.fired
+        out["dead_fraction"] = float((~fired).sum()) / self.sae.n_features
+        return out
+
+    def _report(self, metrics: dict | None, path: str | None, progress: dict | None) -> None:
+        if self.on_report is None:
+            return
+        self.since_report = {"steps": 0}
+        self.on_report({**(metrics or {}), **progress}, path)
 
     def finish(self, metrics: dict) -> dict:
         """Export, metrics.json, history.json and the density histogram."""
@@ -759,7 +856,8 @@ class SaeRun:
 
 def train(cfg: Config, workdir: str, *, source: ResampleSource | None = None,
           resume_from: str | None = None,
-          on_eval: Callable[[dict, str], None] | None = None) -> dict:
+          on_eval: Callable[[dict, str], None] | None = None,
+          on_report: Callable[[dict, str | None], None] | None = None) -> dict:
     """Train one SAE (cfg.sae) on <cfg.out>/acts into `workdir` (module docstring); returns
     the final metrics.
 
@@ -767,6 +865,9 @@ def train(cfg: Config, workdir: str, *, source: ResampleSource | None = None,
     resume_from: a checkpoint dir; None = workdir/checkpoint if there is one, else fresh.
     on_eval(metrics, checkpoint_dir): after every eval, with a complete checkpoint of that
     step in checkpoint_dir (replaced by the next checkpoint: persist it before returning).
+    on_report(result, checkpoint_dir or None): every sae.report_interval steps the progress
+    scalars (`SaeRun.progress`), and at every checkpoint those + the eval's metrics when it
+    was an eval step, with the checkpoint dir (what the sweep reports to Tune).
     """
     os.makedirs(workdir, exist_ok=True)
     sae_run = SaeRun(cfg, workdir, source, resume_from)
@@ -774,7 +875,7 @@ def train(cfg: Config, workdir: str, *, source: ResampleSource | None = None,
                 "%d, %s, eval on %d tokens", cfg.sae.n_features, sae_run.inputs["H"],
                 cfg.sae.l1_coeff, cfg.sae.lr, cfg.sae.batch_size, sae_run.n_steps,
                 sae_run.step, sae_run.device, sae_run.evalset.n_tokens)
-    return sae_run.finish(sae_run.fit(on_eval))
+    return sae_run.finish(sae_run.fit(on_eval, on_report))
 
 
 def run(cfg: Config) -> dict:

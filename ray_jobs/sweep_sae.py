@@ -1,4 +1,4 @@
-"""Stage 4: sweep SAEs over an l1_coeff x lr grid with Ray Tune (one trial per grid point).
+"""Stage 4: sweep SAEs over an l1_coeff x lr grid with Ray Tune (--pack K SAEs per trial).
 
     python -m ray_jobs.sweep_sae --preset demo --out runs/demo
     python -m ray_jobs.sweep_sae --preset demo --out runs/demo --l1_coeff 1e-3 3e-3 1e-2 \
@@ -9,7 +9,8 @@
 
 Bare --l1_coeff / --lr set the grid; --sae.<field> sets every trial's base (--sae.lr is
 then overridden by the grid). Writes <out>/sweep/<name>/ (or --storage_path/<name>): one
-trial dir per grid point with its sae/ export, trials.json, report/index.html. Running the
+trial dir per pack of grid points (--pack 1: per grid point) with the sae/ exports,
+trials.json (one row per SAE), report/index.html. Running the
 same command again resumes an interrupted sweep (finished trials are kept).
 --report-only rebuilds trials.json and the report from the trial dirs, without Ray.
 Missing or mismatched inputs (no activation manifest, a corrupt shard, shards of another

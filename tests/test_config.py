@@ -38,7 +38,7 @@ ZERO_OK = {
     ("train_lm", "weight_decay"), ("train_lm", "grad_clip"), ("train_lm", "max_failures"),
     ("train_lm", "num_workers"),
     ("acts", "n_contexts"), ("acts", "max_actors"), ("acts", "threads_per_actor"),
-    ("sae", "n_steps"), ("sweep", "cpus_per_trial"),
+    ("sae", "n_steps"), ("sae", "report_interval"), ("sweep", "cpus_per_trial"), ("sweep", "pack"),
     ("sweep", "gpus_per_trial"), ("sweep", "max_concurrent_trials"), ("sweep", "max_failures"),
     ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"), ("top", "seed"),
 }
@@ -93,6 +93,14 @@ def test_presets_keep_their_promises():
     assert (demo.lm.d_model, demo.lm.d_mlp) == (128, 512)              # paper-shaped LM
     assert (paper.lm.d_model, paper.lm.d_mlp, paper.tokens.ctx_len) == (128, 512, 1024)
     assert paper.acts.tokens_per_context == 200                        # seed: 200 of 1024
+    # one pass over the paper's data reaches all four resamples (25k ... 100k) and beyond
+    paper_steps = paper.acts.n_contexts * paper.acts.tokens_per_context // paper.sae.batch_size
+    assert paper.sae.resample_at == (25_000, 50_000, 75_000, 100_000)
+    assert paper_steps > max(paper.sae.resample_at) + paper.sae.dead_window
+    for p in (tiny, demo, paper):   # no preset's dead windows are cut short
+        starts = p.sae.window_starts
+        assert [s - w for s, w in zip(p.sae.resample_at, starts)] == [p.sae.dead_window] * len(
+            starts)
     assert preset("tiny") is tiny
     with pytest.raises(ValueError, match=r"unknown preset 'huge'.*tiny"):
         preset("huge")

@@ -149,3 +149,31 @@ def test_read_dataset(ray_local, tmp_path):
     assert batch["acts"].shape == (total, H) and batch["acts"].dtype == np.float16
     np.testing.assert_array_equal(np.sort(batch["acts"][:, 0].astype(np.int64)),
                                   np.arange(total))
+
+
+def test_remote_shards_are_cached_once_per_node_unless_they_do_not_fit(tmp_path, monkeypatch,
+                                                                       caplog):
+    import collections
+    import os
+
+    from mono import reader
+
+    d, _ = synthetic(tmp_path)
+    uri = "file://" + d    # a pyarrow filesystem URI, as s3:// is
+    monkeypatch.setenv("MONO_CACHE_DIR", str(tmp_path / "cache"))
+    local = reader.local_shards(uri)
+    assert local and all(p.startswith(str(tmp_path / "cache")) for p in local)
+    remote = sorted(str(p) for p in (tmp_path / "acts").iterdir())
+    assert [open(p, "rb").read() for p in local] == [open(p, "rb").read() for p in remote]
+    mtimes = [os.path.getmtime(p) for p in local]
+    assert reader.local_shards(uri) == local                   # another trial of the node:
+    assert [os.path.getmtime(p) for p in local] == mtimes      # nothing fetched again
+    np.testing.assert_array_equal(ids(ActsReader(local, 100, seed=1, shuffle_buffer=4 * RG)),
+                                  ids(ActsReader(uri, 100, seed=1, shuffle_buffer=4 * RG)))
+    assert reader.local_shards(d) is None                      # local shards: read in place
+    monkeypatch.setenv("MONO_CACHE_DIR", str(tmp_path / "small"))
+    monkeypatch.setattr(reader.shutil, "disk_usage",
+                        lambda p: collections.namedtuple("U", "free")(1000))
+    with caplog.at_level("WARNING", logger="mono.reader"):
+        assert reader.local_shards(uri) is None
+    assert "do not fit" in caplog.text and "streaming them" in caplog.text

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from mono import pages, resample, store, train_lm
+from mono import pages, resample, store, sweep, train_lm
 from mono.acts import run as collect
 from mono.config import PRESETS, with_overrides
 from mono.errors import BadOutput, MissingInput, UserError
@@ -55,10 +55,10 @@ def run_dir(ray_local, tmp_path_factory):
     return out
 
 
-def argv(out: str, name: str, *extra: str) -> list[str]:
+def argv(out: str, name: str, *extra: str, pack: int = 1) -> list[str]:
     return ["--preset", "tiny", "--out", out, "--name", name, "--sae.batch_size", "128",
             "--eval_interval", "16", "--checkpoint_interval", "16", "--cpus_per_trial", "0.5",
-            *extra]
+            "--pack", str(pack), *extra]
 
 
 def reports(trial: dict) -> list[dict]:
@@ -84,11 +84,24 @@ def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
         assert m["step"] == 32 and 0 < m["l0"] < 256 and np.isfinite(m["loss_recovered"])
         assert set(m) >= {"mse", "explained_variance", "dead", "ultralow", "dense"}
         results = reports(t)
-        assert [r["step"] for r in results] == [16, 32]
-        assert [r["training_iteration"] for r in results] == [1, 2]
-        assert len(results[-1]["log10_density"]) == 256 and results[-1]["setup_s"] > 0
-        assert results[-1]["l0"] == m["l0"]
-        assert [f for f in os.listdir(t["dir"]) if f.startswith("events.out.tfevents")]
+        # cheap reports every 4 steps (tiny's report_interval), evals at 16 and 32
+        assert [r["step"] for r in results] == list(range(4, 33, 4))
+        assert [r["timesteps_total"] for r in results] == list(range(4, 33, 4))
+        assert [r["training_iteration"] for r in results] == list(range(1, 9))
+        assert [r.get("eval_step") for r in results] == [None] * 3 + [16] * 4 + [32]
+        assert all(0 <= r["dead_fraction"] <= 1 and r["train_l0"] >= 0 for r in results)
+        assert results[-1]["setup_s"] > 0 and results[-1]["l0"] == m["l0"]
+        assert results[-1][sweep.HEADLINE] == m.get(sweep.HEADLINE, m["loss_recovered"])
+        # no per-feature arrays in any result row or CSV column: scalars (and the config)
+        for r in results:
+            assert all(isinstance(v, (int, float, str, bool, type(None)))
+                       for k, v in r.items() if k != "config"), r
+        header = open(store.join(t["dir"], "progress.csv")).readline().split(",")
+        assert "log10_density" not in header and "timesteps_total" in header
+        events = [f for f in os.listdir(t["dir"]) if f.startswith("events.out.tfevents")]
+        assert len(events) == 2   # Tune's scalars + DensityHistograms
+        hist = next(f for f in events if f.endswith(".density"))
+        assert b"ray/tune/log10_density" in open(store.join(t["dir"], hist), "rb").read()
         assert os.path.isfile(store.join(t["dir"], "density.npy"))
     assert trials[2]["metrics"]["l0"] < trials[0]["metrics"]["l0"]  # larger l1, sparser
     page = open(summary["report"]).read()
@@ -104,33 +117,70 @@ def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
 
 
 @pytest.mark.slow
-def test_crashed_trial_resumes_from_its_checkpoint_a_killed_pool_restarts_wandb_logs(
+def test_packed_trials_train_what_separate_trials_train(run_dir):
+    """--pack 2 over the grid test's l1 axis at lr 3e-3: one trial, two SAEs on one stream;
+    each member is its own trials.json row with its own export, bit-identical to its
+    separate trial of the grid test (the same batches, the same shared resampling draws)."""
+    grid = store.join(run_dir, "sweep", "grid", "trials.json")
+    if not os.path.exists(grid):
+        pytest.skip("compares against test_grid_2x2's trials (run the module)")
+    summary = sweep_sae.main(argv(run_dir, "packed", "--l1_coeff", "1e-3", "1e-2", "--lr",
+                                  "3e-3", pack=2))
+    trials = summary["trials"]
+    assert [(t["l1_coeff"], t["lr"], t["status"]) for t in trials] == [
+        (1e-3, 3e-3, "done"), (1e-2, 3e-3, "done")]
+    (trial_dir,) = {t["trial"] for t in trials}
+    assert trial_dir.startswith("pack2_l1_0.001_lr_0.003_")
+    alone = {(t["l1_coeff"], t["lr"]): t for t in store.read_json(grid)["trials"]}
+    for t in trials:
+        assert t["sae_dir"] == store.join(run_dir, "sweep", "packed", trial_dir, "sae",
+                                          f"l1_{t['l1_coeff']:g}_lr_{t['lr']:g}")
+        assert t["name"] == f"{trial_dir}/l1_{t['l1_coeff']:g}_lr_{t['lr']:g}"
+        assert os.path.isfile(store.join(t["sae_dir"], "sae_lens", "sae_weights.safetensors"))
+        other = alone[(t["l1_coeff"], t["lr"])]
+        assert (open(store.join(t["sae_dir"], "sae.safetensors"), "rb").read()
+                == open(store.join(other["sae_dir"], "sae.safetensors"), "rb").read())
+        for k in ("l0", "mse", "loss_recovered", "dead", "n_resampled"):
+            assert t["metrics"][k] == other["metrics"][k]
+        assert t["last_report"]["step"] == 32
+    results = reports({"dir": store.join(run_dir, "sweep", "packed", trial_dir)})
+    assert [r["timesteps_total"] for r in results] == list(range(4, 33, 4))
+    assert set(results[-1]["members"]) == {"l1_0.001_lr_0.003", "l1_0.01_lr_0.003"}
+    assert results[-1]["best_member"] == "l1_0.001_lr_0.003"     # less sparse, recovers more
+    assert all(isinstance(v, (int, float)) for m in results[-1]["members"].values()
+               for v in m.values())
+    page = open(summary["report"]).read()
+    assert all(t["name"] in page for t in trials)
+
+
+@pytest.mark.slow
+def test_crashed_trial_resumes_from_its_checkpoint_a_killed_service_restarts_wandb_logs(
         run_dir, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     marker = tmp_path / "crashed"
     monkeypatch.setenv("MONO_TEST_SAE_FAIL_AT", f"20:{marker}")
     exp = store.join(run_dir, "sweep", "crash")
-    name = resample.pool_name(exp)
+    name = resample.service_name(exp)
     killed = {}
 
-    def kill_pool_once_it_is_up():
+    def kill_service_once_it_is_up():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                pool = ray.get_actor(name, namespace=resample.POOL_NAMESPACE)
+                service = ray.get_actor(name, namespace=resample.NAMESPACE)
+                killed["pid"] = ray.get(service.stats.remote())["pid"]
                 break
             except ValueError:  # not created yet
                 time.sleep(0.2)
-        killed["pid"] = ray.get(pool.ready.remote())["pid"]
-        ray.kill(pool, no_restart=False)
+        ray.kill(service, no_restart=False)
         while time.monotonic() < deadline:  # the kill is asynchronous: wait for the restart
-            pid = ray.get(pool.stats.remote())["pid"]
+            pid = ray.get(service.stats.remote())["pid"]
             if pid != killed["pid"]:
                 killed["new_pid"] = pid
                 return
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_pool_once_it_is_up, daemon=True)
+    killer = threading.Thread(target=kill_service_once_it_is_up, daemon=True)
     killer.start()
     # resampling at 24, after the resume: most features of this point die by then
     summary = sweep_sae.main(argv(run_dir, "crash", "--l1_coeff", "1e-2", "--lr", "3e-3",
@@ -140,10 +190,12 @@ def test_crashed_trial_resumes_from_its_checkpoint_a_killed_pool_restarts_wandb_
     (trial,) = summary["trials"]
     assert marker.exists(), "the fault switch did not fire"
     assert trial["status"] == "done" and trial["metrics"]["step"] == 32
-    # crashed at step 20, resumed from the step-16 checkpoint: no step reported twice
-    assert [r["step"] for r in reports(trial)] == [16, 32]
+    # crashed at step 20, resumed from the step-16 checkpoint: no step reported twice. Tune
+    # puts back the result.json of its last sync before the crash (rows after it are lost)
+    steps = [r["step"] for r in reports(trial)]
+    assert steps == sorted(set(steps)) and steps[-4:] == [20, 24, 28, 32], steps
     assert killed.get("new_pid") not in (None, killed["pid"]), killed
-    assert trial["metrics"]["n_resampled"] > 0       # the restarted pool served the resample
+    assert trial["metrics"]["n_resampled"] > 0       # the restarted service drew for it
     # W&B, offline without a key: one run for the trial, its retry included
     runs = [d for d in os.listdir(store.join(trial["dir"], "wandb")) if d.startswith("offline-")]
     assert len(runs) == 1 and runs[0].endswith(trial["trial_id"]), runs
@@ -160,7 +212,7 @@ def test_rerun_restores_an_interrupted_sweep_without_redoing_finished_trials(
     exp = store.join(run_dir, "sweep", "restore")
     first = {t["status"]: t for t in store.read_json(store.join(exp, "trials.json"))["trials"]}
     assert set(first) == {"done", "error"} and "injected failure" in first["error"]["error"]
-    assert [r["step"] for r in reports(first["error"])] == [16]
+    assert [r["step"] for r in reports(first["error"])] == [4, 8, 12, 16]
     done = first["done"]["dir"]
     sae_files = [store.join(done, f) for f in ("sae/cfg.json", "sae/sae.safetensors")]
     mtimes = [os.path.getmtime(f) for f in sae_files]
@@ -172,11 +224,11 @@ def test_rerun_restores_an_interrupted_sweep_without_redoing_finished_trials(
     summary = sweep_sae.main(args)       # the same command again: Tuner.restore
     assert summary["restored"] and [t["status"] for t in summary["trials"]] == ["done"] * 2
     resumed = next(t for t in summary["trials"] if t["name"] == first["error"]["name"])
-    assert [r["step"] for r in reports(resumed)] == [16, 32]   # from step 16, not 0
+    assert [r["step"] for r in reports(resumed)] == list(range(4, 33, 4))  # from 16, not 0
     # the finished trial was not rerun: same export, same reports, same checkpoints
     assert [os.path.getmtime(f) for f in sae_files] == mtimes
     assert (open(store.join(done, "result.json")).read(), sorted(os.listdir(done))) == before
-    assert len(reports(first["done"])) == 2
+    assert len(reports(first["done"])) == 8
 
     with pytest.raises(UserError, match="started with other settings"):
         sweep_sae.main(argv(run_dir, "restore", "--l1_coeff", "1e-3", "--lr", "1e-3"))

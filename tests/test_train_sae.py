@@ -327,3 +327,40 @@ def test_steps_beyond_one_pass_repeat_the_data_with_a_warning(caplog):
         assert train_sae.plan_steps(dataclasses.replace(sc, n_steps=25, batch_size=100),
                                     1050) == (25, 0)
     assert "rows repeat" in caplog.text
+
+
+# --- schedules -----------------------------------------------------------------------------
+
+
+def test_overlapping_dead_windows_each_start_after_the_previous_resample(run_dir, tmp_path,
+                                                                         caplog):
+    """dead_window 8 > the gap 12 -> 16: the second window opens right after the resample at
+    12 (it used to truncate the first and crash at 16). A run cut at 14, inside that window,
+    resumes to the straight run's weights."""
+    cfg = make_cfg(run_dir["cfg"].out, resample_at=(12, 16), dead_window=8)
+    assert cfg.sae.window_starts == (4, 12)
+    with caplog.at_level("INFO", logger="mono.train_sae"):
+        straight = train_sae.train(cfg, str(tmp_path / "straight"))
+    assert "longer than the gap before the resamples at [16]" in caplog.text
+    assert "SAE step 12: resampled" in caplog.text and "SAE step 16: resampled" in caplog.text
+    assert straight["step"] == 32 and straight["n_resampled"] > 0
+    workdir = str(tmp_path / "cut")
+    train_sae.train(make_cfg(cfg.out, resample_at=(12, 16), dead_window=8, n_steps=14),
+                    workdir)
+    state = json.loads(open(os.path.join(workdir, "checkpoint", "state.json")).read())
+    assert state["window_open"] and state["last_resample"] == 12
+    resumed = train_sae.train(cfg, workdir)
+    assert_same_weights(
+        safetensors.torch.load_file(os.path.join(workdir, "checkpoint", "sae.safetensors")),
+        safetensors.torch.load_file(os.path.join(tmp_path / "straight", "checkpoint",
+                                                 "sae.safetensors")))
+    assert resumed["n_resampled"] == straight["n_resampled"]
+
+
+def test_resample_steps_at_or_past_the_end_warn(caplog):
+    sc = dataclasses.replace(PRESETS["tiny"].sae, resample_at=(8, 16, 40), dead_window=4)
+    with caplog.at_level("WARNING", logger="mono.train_sae"):
+        warned = train_sae.check_schedule(sc, 16)
+    assert len(warned) == 1 and "[16, 40] are at or past this run's last step 16" in caplog.text
+    assert train_sae.check_schedule(sc, 41) == []
+    assert dataclasses.replace(sc, dead_window=10).window_starts == (0, 8, 30)

@@ -1,5 +1,6 @@
-"""The sweep's ResamplePool (mono.resample): uniform draws from every shard, fresh rows per
-call, and a Ray actor that survives being killed.
+"""The sweep's ResampleService (mono.resample): uniform draws from every shard, one draw per
+resample step seeded by (seed, step) and shared by every trial, a Ray actor that survives
+being killed and serves the same draw again.
 
 Shards are synthetic (store.acts_table, float32) with unequal sizes; every row's activation
 vector holds its global row id, so a served row can be traced back to its shard and row.
@@ -82,58 +83,66 @@ def test_draw_everything_and_bad_sizes(tmp_path):
             resample.draw_rows(groups, bad, np.random.default_rng(0))
 
 
-def test_pool_serves_each_row_once_and_refills(tmp_path):
-    pool = resample.ResamplePool(write_shards(tmp_path), pool_rows=512, rows_per_group=16)
-    assert pool.ready()["fresh"] == 512 and pool.stats()["drawn"] == 512
-    first = pool.draw(512)
-    assert pool.stats()["fresh"] < 512              # served rows left the pool
-    second = pool.draw(512)                         # waits for the refill
-    assert pool.stats()["drawn"] >= 1024 and pool.stats()["served"] == 1024
-    assert np.array_equal(first["acts"][:, 0], first["row"])
-    assert not np.array_equal(np.sort(first["row"]), np.sort(second["row"]))
-    x = pool.sample(100)
-    assert x.shape == (100, H) and x.dtype == np.float32
-    big = pool.sample(600)                          # more than the pool: drawn directly
-    assert big.shape == (600, H) and pool.stats()["direct"] == 600
-    assert len(np.unique(big[:, 0])) == 600
+def test_a_draw_is_seeded_by_seed_and_step_computed_once_and_held_for_keep_steps(tmp_path):
+    files = write_shards(tmp_path)
+    service = resample.ResampleService(files, seed=3, steps=(8, 16, 24), n=200,
+                                       rows_per_group=16, keep=2)
+    (a,) = service.draw(8, 200)
+    (b,) = service.draw(8, 200)           # a second trial: the very same array, not a copy
+    assert b is a and a.shape == (200, H) and len(np.unique(a[:, 0])) == 200
+    stats = service.stats()
+    assert stats["served_per_step"] == {8: 2}
+    (c,) = service.draw(16, 200)          # prefetched after step 8 was served
+    assert not np.array_equal(np.sort(a[:, 0]), np.sort(c[:, 0]))
+    service.draw(24, 200)
+    assert service.stats()["computed"] == 3 and len(service.stats()["held"]) <= 3
+    # a restarted service (or a retried trial asking again) gets the same rows
+    again = resample.ResampleService(files, seed=3, rows_per_group=16)
+    assert np.array_equal(again.draw(8, 200)[0], a)
+    other = resample.ResampleService(files, seed=4, rows_per_group=16)
+    assert not np.array_equal(other.draw(8, 200)[0], a)
     with pytest.raises(ValueError, match="positive row count"):
-        pool.sample(0)
+        service.draw(8, 0)
+    with pytest.raises(ValueError, match="draw of 9999 rows from 2560 rows"):
+        service.draw(8, 9999)
 
 
 @pytest.mark.parametrize("dtype,served", [("float16", np.float16), ("bfloat16", np.float32)])
-def test_pool_holds_at_most_the_dataset_and_serves_float(tmp_path, dtype, served):
-    pool = resample.ResamplePool(write_shards(tmp_path, sizes=(64, 64), dtype=dtype),
-                                 pool_rows=1000)
-    assert pool.ready()["capacity"] == 128
-    x = pool.sample(128)
+def test_draws_are_stored_float16_or_decoded_to_float32(tmp_path, dtype, served):
+    service = resample.ResampleService(write_shards(tmp_path, sizes=(64, 64), dtype=dtype), 0)
+    (x,) = service.draw(1, 128)
     assert x.dtype == served and sorted(x[:, 0].astype(int)) == list(range(128))
 
 
-def test_pool_actor_is_shared_restarted_and_serves_through_the_client(tmp_path, ray_local):
+def test_every_trial_gets_the_one_stored_draw_and_a_restart_serves_it_again(tmp_path,
+                                                                            ray_local):
     ray = ray_local
     files = write_shards(tmp_path)
-    name = resample.pool_name(str(tmp_path / "sweep" / "exp"))
-    assert name.startswith("resample-pool-exp-")
-    handle = resample.start_pool(files, name, pool_rows=256, rows_per_group=16)
+    name = resample.service_name(str(tmp_path / "sweep" / "exp"))
+    assert name.startswith("resample-exp-")
+    handle = resample.start_service(files, name, seed=0, steps=(8, 16), n=300, H=H,
+                                    rows_per_group=16)
     try:
-        client = resample.PoolClient(handle)
-        x = client.sample(200)
-        assert x.shape == (200, H) and x.dtype == np.float32 and x.flags.writeable
-        pid = ray.get(handle.stats.remote())["pid"]
-        again = resample.start_pool(files, name, pool_rows=256)   # get_if_exists: the same
-        assert ray.get(again.stats.remote())["pid"] == pid
+        trials = [resample.SharedDraw(handle) for _ in range(3)]   # what Tune ships each trial
+        draws = [resample.source_at(t, 8).sample(300) for t in trials]
+        assert all(np.array_equal(d, draws[0]) for d in draws)
+        assert draws[0].shape == (300, H) and not draws[0].flags.writeable   # shared, zero-copy
+        refs = [ray.get(handle.draw.remote(8, 300))[0] for _ in range(2)]
+        assert refs[0] == refs[1]                                    # put once, one object
+        stats = ray.get(handle.stats.remote())
+        assert stats["served_per_step"] == {8: 5} and stats["computed"] <= 2   # 8 (+ 16 ahead)
+        pid = stats["pid"]
+        again = resample.start_service(files, name, seed=0, steps=(8, 16), n=300, H=H)
+        assert ray.get(again.stats.remote())["pid"] == pid           # get_if_exists: the same
         with pytest.raises(ValueError, match="already serves"):
-            resample.start_pool(files[:1], name, pool_rows=256)
-        ray.kill(handle, no_restart=False)                        # Ray restarts it ...
-        y = client.sample(200)                                    # ... and retries the call
-        assert y.shape == (200, H)
+            resample.start_service(files[:1], name, seed=0, steps=(), n=300, H=H)
+        ray.kill(handle, no_restart=False)                           # Ray restarts it ...
+        retried = resample.source_at(trials[0], 8).sample(300)       # ... a retried trial
+        assert np.array_equal(retried, draws[0])                     # gets the same draw
         deadline = time.monotonic() + 120
         while ray.get(handle.stats.remote())["pid"] == pid:
-            assert time.monotonic() < deadline, "the killed pool was not restarted"
+            assert time.monotonic() < deadline, "the killed service was not restarted"
             time.sleep(0.5)
-        assert client.sample(200).shape == (200, H)               # a new process, refilled
-        assert ray.get(handle.stats.remote())["served"] >= 200
-        got = ray.get(handle.draw.remote(256))
-        assert set(np.unique(got["shard"])) == {0, 1, 2}
+        assert np.array_equal(resample.source_at(trials[1], 8).sample(300), draws[0])
     finally:
         ray.kill(handle, no_restart=True)
