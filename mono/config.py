@@ -256,6 +256,9 @@ class SweepConfig:
     """L1 coefficients of the grid."""
     lr: tuple[float, ...] = (1e-4, 3e-4)
     """Learning rates of the grid."""
+    n_features: tuple[int, ...] = ()
+    """Dictionary sizes of the grid (an axis like l1_coeff and lr: every size trains on the
+    same stream, seed, l1 and lr); empty = sae.n_features alone."""
     name: str = "sweep"
     """Experiment name: <storage_path>/<name>."""
     storage_path: str = ""
@@ -285,6 +288,10 @@ class SweepConfig:
             for v in getattr(self, name):
                 if not (v > 0 and math.isfinite(v)):
                     raise ValueError(f"SweepConfig.{name} values must be positive, got {v!r}")
+        if any(not isinstance(n, int) or n <= 0 for n in self.n_features) or len(
+                set(self.n_features)) != len(self.n_features):
+            raise ValueError(f"SweepConfig.n_features must be distinct positive sizes, got "
+                             f"{self.n_features!r}")
         _positive(self, "pool_rows", "pool_rows_per_group")
         _non_negative(self, "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
                       "max_failures")
@@ -509,7 +516,9 @@ PRESETS: dict[str, Config] = {
                         use_gpu=True, cpus_per_actor=6),
         train_lm=TrainLmConfig(use_gpu=True),
         sae=SaeConfig(device="auto"),
-        sweep=SweepConfig(gpus_per_trial=0.25, cpus_per_trial=2.0),
+        # Runs A/0 ... A/5 of the paper: 512 ... 131,072 features on the same activations.
+        sweep=SweepConfig(gpus_per_trial=0.25, cpus_per_trial=2.0,
+                          n_features=(512, 4096, 16_384, 32_768, 65_536, 131_072)),
     ),
 }
 

@@ -370,7 +370,8 @@ def dead_page(rows: list[dict], n_rows: int) -> str:
 # every value HTML-escaped; works from file:// offline. Local paths and URIs alike.
 
 SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metrics
-    ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"), ("step", "steps", "{:,}"),
+    ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"),
+    ("n_features", "features", "{:,}"), ("step", "steps", "{:,}"),
     ("l0", "L0", "{:.2f}"), ("mse", "MSE", "{:.4g}"),
     ("explained_variance", "explained var", "{:.3f}"),
     ("loss_recovered", "loss recovered", "{:.3f}"),

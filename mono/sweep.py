@@ -6,7 +6,7 @@ path or an s3:// / gs:// URI, which multi-node clusters need):
 
     sweep.json                       the Config the experiment started with (a rerun must match)
     tuner.pkl, experiment_state-*    Tune's state: rerunning the same command restores it
-    <trial>/                         one per grid point: l1_<l1>_lr_<lr>_<trial id>
+    <trial>/                         one per grid point: [F_<size>_]l1_<l1>_lr_<lr>_<trial id>
         params.json result.json progress.csv events.out.tfevents.*   Tune's loggers
         checkpoint_00000N/           the 2 latest train_sae checkpoints (one per eval)
         sae/                         the export (cfg.json, sae.safetensors, sae_lens/) ...
@@ -85,9 +85,11 @@ def experiment_dir(cfg: Config) -> str:
 
 
 def trial_dirname(trial) -> str:
-    """Trial directory names: l1_<l1>_lr_<lr>_<trial id> (the grid point, readable)."""
+    """Trial directory names: [F_<n_features>_]l1_<l1>_lr_<lr>_<trial id> (the grid point,
+    readable; F_ when dictionary size is an axis)."""
     c = trial.config
-    return f"l1_{c['l1_coeff']:g}_lr_{c['lr']:g}_{trial.trial_id}"
+    size = f"F_{c['n_features']}_" if "n_features" in c else ""
+    return f"{size}l1_{c['l1_coeff']:g}_lr_{c['lr']:g}_{trial.trial_id}"
 
 
 # --- checks before anything starts ----------------------------------------------------
@@ -98,7 +100,8 @@ def _identity(cfg: Config) -> dict:
     sae = asdict(cfg.sae)
     sae.pop("device")
     return {"out": cfg.out, "seed": cfg.seed, "sae": sae, "name": cfg.sweep.name,
-            "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr)}
+            "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr),
+            "n_features": list(cfg.sweep.n_features)}
 
 
 def check_storage(path: str) -> None:
@@ -253,9 +256,13 @@ def run(cfg: Config) -> dict:
 
 
 def param_space(cfg: Config) -> dict:
-    """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config))."""
-    return {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
-            "lr": tune.grid_search(list(cfg.sweep.lr))}
+    """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config));
+    n_features only when the sweep sets sizes."""
+    space = {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
+             "lr": tune.grid_search(list(cfg.sweep.lr))}
+    if cfg.sweep.n_features:
+        space["n_features"] = tune.grid_search(list(cfg.sweep.n_features))
+    return space
 
 
 def _wandb_offline() -> dict:
@@ -312,12 +319,13 @@ def _trial_dirs(exp: str) -> list[str]:
 
 def index_trials(exp: str) -> list[dict]:
     """Read every trial dir of `exp` and write <exp>/trials.json: {"experiment", "trials":
-    [entry, ...]} sorted by (l1_coeff, lr). An entry: name (the dir), trial_id, l1_coeff,
-    lr, status (done | error | unfinished), dir, sae_dir (done only), metrics (the final
-    metrics.json; done only), last_report (the last metrics Tune got), reports (how many),
-    error (the first line of error.txt, if not done)."""
+    [entry, ...]} sorted by (l1_coeff, lr, n_features). An entry: name (the dir), trial_id,
+    l1_coeff, lr, n_features (None unless the sweep sets sizes), status (done | error |
+    unfinished), dir, sae_dir (done only), metrics (the final metrics.json; done only),
+    last_report (the last metrics Tune got), reports (how many), error (the first line of
+    error.txt, if not done)."""
     trials = [_trial_entry(exp, name) for name in _trial_dirs(exp)]
-    trials.sort(key=lambda t: (t["l1_coeff"], t["lr"], t["name"]))
+    trials.sort(key=lambda t: (t["l1_coeff"], t["lr"], t["n_features"] or 0, t["name"]))
     store.write_json(store.join(exp, TRIALS_JSON), {"experiment": exp, "trials": trials})
     return trials
 
@@ -330,7 +338,8 @@ def _trial_entry(exp: str, name: str) -> dict:
         lines = store.read_bytes(store.join(d, "result.json")).decode().splitlines()
     last = json.loads(lines[-1]) if lines else {}
     entry = {"name": name, "trial_id": last.get("trial_id", "_".join(name.split("_")[-2:])),
-             "l1_coeff": params["l1_coeff"], "lr": params["lr"], "dir": d,
+             "l1_coeff": params["l1_coeff"], "lr": params["lr"],
+             "n_features": params.get("n_features"), "dir": d,
              "reports": len(lines), "last_report": _metrics_only(last)}
     done = all(store.exists(store.join(d, train_sae.EXPORT, f))
                for f in ("cfg.json", train_sae.SAE_WEIGHTS)) and store.exists(
