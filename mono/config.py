@@ -348,6 +348,44 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class SplittingConfig:
+    """Feature splitting: features of one trial per dictionary size matched across sizes."""
+
+    trials: tuple[str, ...] = ()
+    """Trials to match, one per dictionary size (names in the sweep's trials.json); empty =
+    every finished size at the l1_coeff and lr of the sweep's best trial (analysis.target_l0)."""
+    threshold: float = 0.7
+    """Decoder cosine at or above which a feature and a parent candidate are linked (a close
+    match one size down; links make the families)."""
+    candidates: int = 3
+    """Parent candidates kept per feature: its top decoder cosines in the next smaller
+    dictionary (two or more linked ones make a merge)."""
+    sample_rows: int = 65_536
+    """Activation rows of the shared sample the activation correlations use (the first rows
+    of every shard, in proportion: a uniform sample, rows being shuffled within shards)."""
+    block: int = 4096
+    """Rows per side of a block of the decoder-cosine products (block^2 float32 at a time)."""
+    batch_rows: int = 2048
+    """Activation rows encoded per SAE forward in a correlation task."""
+    n_tasks: int = 0
+    """Ray tasks over the sample (0 = 2 per CPU of the cluster)."""
+    map_method: str = "umap"
+    """2-D map of every decoder direction: umap (cosine metric, as the paper's map) or pca."""
+    map_points: int = 30_000
+    """Most features drawn in the interactive SVG map (a seeded sample beyond; the PNG
+    shows all)."""
+    analyze: bool = True
+    """Analyse each matched trial that has no analysis yet (its feature pages are what the
+    family pages link to)."""
+
+    def __post_init__(self):
+        _positive(self, "candidates", "sample_rows", "block", "batch_rows", "map_points")
+        _non_negative(self, "n_tasks")
+        _fraction(self, "threshold")
+        _choice(self, "map_method", ("umap", "pca"))
+
+
+@dataclass(frozen=True)
 class Config:
     """Every stage's settings, and where the run's artifacts live."""
 
@@ -362,6 +400,7 @@ class Config:
     sae: SaeConfig = field(default_factory=SaeConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    splitting: SplittingConfig = field(default_factory=SplittingConfig)
 
     def __post_init__(self):
         if not self.out:
