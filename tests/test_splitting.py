@@ -4,9 +4,8 @@ families, and the stage's job."""
 from types import SimpleNamespace
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from mono import splitting, store, sweep
 from mono.config import PRESETS, SweepConfig, with_overrides
