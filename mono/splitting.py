@@ -357,9 +357,21 @@ def match(cfg: Config, saes: list) -> dict:
     corr, density, rows = correlations(cfg, saes, pairs)
     parents_corr = [c.reshape(p.shape) for c, p in zip(corr, parents)]
     t2 = time.perf_counter()
-    family, degree = link_graph(sizes, parents, parents_cos, sp.threshold)
     xy = embed(torch.cat(dirs).numpy(), sp.map_method, cfg.seed)
     t3 = time.perf_counter()
+    cols = assemble(sizes, parents, parents_cos, parents_corr, best_child, best_child_cos,
+                    np.concatenate(density), xy, sp.threshold)
+    return {"columns": cols, "sample_rows": rows,
+            "seconds": {"decoder_cosine": t1 - t0, "correlation": t2 - t1,
+                        "families_and_map": t3 - t2}}
+
+
+def assemble(sizes: list[int], parents: list, parents_cos: list, parents_corr: list,
+             best_child: list, best_child_cos: list, density: np.ndarray, xy: np.ndarray,
+             threshold: float) -> dict:
+    """Per-level match arrays (level l: sizes l -> l + 1) -> matches.parquet's columns, one
+    entry per feature of every size, smallest size first (module doc)."""
+    family, degree = link_graph(sizes, parents, parents_cos, threshold)
     cols: dict[str, list] = {k: [] for k in (
         "size", "n_features", "feature", "parents", "parents_cos", "parents_corr", "parent",
         "parent_cos", "parent_corr", "children", "children_cos", "split_factor",
@@ -383,7 +395,7 @@ def match(cfg: Config, saes: list) -> dict:
             cols["parent_cos"] += pc[:, 0].tolist()
             cols["parent_corr"] += pr[:, 0].tolist()
         if s + 1 < len(sizes):
-            kids, scores = children_of(F, parents[s], parents_cos[s], sp.threshold)
+            kids, scores = children_of(F, parents[s], parents_cos[s], threshold)
             cols["children"] += kids
             cols["children_cos"] += scores
             cols["split_factor"] += [len(k) for k in kids]
@@ -397,11 +409,9 @@ def match(cfg: Config, saes: list) -> dict:
             cols["best_child_cos"] += [np.nan] * F
     cols["family"] = family.tolist()
     cols["links"] = degree.tolist()
-    cols["density"] = np.concatenate(density).tolist()
+    cols["density"] = np.asarray(density, dtype=float).tolist()
     cols["x"], cols["y"] = xy[:, 0].tolist(), xy[:, 1].tolist()
-    return {"columns": cols, "sample_rows": rows,
-            "seconds": {"decoder_cosine": t1 - t0, "correlation": t2 - t1,
-                        "families_and_map": t3 - t2}}
+    return cols
 
 
 def matches_table(cols: dict) -> pa.Table:
@@ -500,7 +510,8 @@ def run(cfg: Config) -> dict:
                                     for f in fams[:10]],
                "seconds": {"analyses": t1 - t0, **result["seconds"]}}
     t2 = time.perf_counter()
-    summary["index"] = family_pages.write(root, cols, fams, summary, tables)
+    summary["index"] = family_pages.write(root, cols, fams, summary, tables,
+                                          cfg.splitting.map_points, cfg.seed)
     summary["seconds"]["pages"] = time.perf_counter() - t2
     summary["seconds"]["total"] = time.perf_counter() - t0
     store.write_json(store.join(root, "summary.json"), summary)
