@@ -314,7 +314,7 @@ def embed(directions: np.ndarray, method: str, seed: int) -> np.ndarray:
     if method == "umap" and n > 3:
         import umap  # umap-learn: numba-compiled, imported only here
 
-        reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed,
+        reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed, n_jobs=1,
                             n_neighbors=min(15, n - 1), init="random" if n < 16 else "spectral")
         return reducer.fit_transform(directions).astype(np.float32)
     centred = directions - directions.mean(0, keepdims=True)

@@ -167,3 +167,49 @@ def test_matching_recovers_the_planted_parent_children_map(planted, ray_local):
     summary = splitting.size_summary([8, 32], cols, 0.7)
     assert summary[1]["matched_fraction"] >= N_PARENTS * N_CHILDREN / 32
     assert sum(summary[0]["split_factors"].values()) == 8
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_job_matches_the_sizes_of_a_sweep_and_writes_the_pages(ray_local, tmp_path, capsys):
+    import os
+
+    from test_sweep import argv, write_tokens
+
+    from mono import train_lm
+    from mono.acts import run as collect
+    from mono.errors import UserError
+    from ray_jobs import splitting as job
+    from ray_jobs import sweep_sae
+
+    out = str(tmp_path / "run")
+    os.environ.setdefault("MONO_CACHE_DIR", os.path.join(out, "cache"))
+    write_tokens(out)
+    cfg = with_overrides(PRESETS["tiny"], out=out, acts={"max_actors": 1},
+                         train_lm={"max_iters": 6, "batch_size": 2, "eval_interval": 6})
+    train_lm.train(cfg)
+    collect(cfg)
+    sweep_sae.main(argv(out, "sizes", "--n_features", "32", "64", "128", "--l1_coeff", "1e-3"))
+    summary = job.main(["--preset", "tiny", "--out", out, "--name", "sizes",
+                        "--sample_rows", "2048"])
+    assert [t["n_features"] for t in summary["trials"]] == [32, 64, 128]
+    assert [t["name"][:5] for t in summary["trials"]] == ["F_32_", "F_64_", "F_128"]
+    root = store.Layout(out).splitting
+    table = store.read_table(store.join(root, "matches.parquet"))
+    assert table.num_rows == 32 + 64 + 128
+    assert np.isfinite(table.column("x").to_numpy()).all()            # the UMAP map
+    assert 0 <= summary["sizes"][1]["matched_fraction"] <= 1
+    for t in summary["trials"]:                                        # analysed, linked
+        page = store.join(t["analysis"], "html", "features", "0.html")
+        assert 'class="split"' in store.read_bytes(page).decode()
+    assert summary["index"] == store.join(root, "html", "index.html")
+    assert store.exists(store.join(root, "html", "map.html"))
+    printed = capsys.readouterr().out
+    assert "splitting: 3 sizes" in printed and summary["index"] in printed
+    with pytest.raises(UserError, match="nope"):
+        job.main(["--preset", "tiny", "--out", out, "--name", "sizes", "--trials", "nope"])
+    with pytest.raises(UserError, match="no .*trials.json"):
+        job.main(["--preset", "tiny", "--out", out, "--name", "other"])
