@@ -132,7 +132,7 @@ def decoder_matches(small: torch.Tensor, large: torch.Tensor, k: int, block: int
 
     small (S, H), large (L, H) unit rows -> (parents (L, K) int64, parents_cos (L, K)
     float32, best descending; best_child (S,) int64, best_child_cos (S,) float32). Memory:
-    one (block, block) product and the (block, K + block) top-k input at a time.
+    one (block, block) product and its (block, K + block) copy for top-k at a time.
     """
     S, L, k = small.shape[0], large.shape[0], min(k, small.shape[0])
     parents = torch.empty(L, k, dtype=torch.int64)
@@ -145,11 +145,10 @@ def decoder_matches(small: torch.Tensor, large: torch.Tensor, k: int, block: int
         best_i = torch.zeros(len(lb), k, dtype=torch.int64)
         for i0 in range(0, S, block):
             sims = lb @ small[i0:i0 + block].T                               # (b, a)
-            vals = torch.cat([best_v, sims], dim=1)
-            idx = torch.cat([best_i, torch.arange(i0, i0 + sims.shape[1]).expand_as(sims)],
-                            dim=1)
-            best_v, pos = vals.topk(k, dim=1)
-            best_i = idx.gather(1, pos)
+            best_v, pos = torch.cat([best_v, sims], dim=1).topk(k, dim=1)
+            # positions < k are the running best, the others columns of this block
+            best_i = torch.where(pos < k, best_i.gather(1, pos.clamp(max=k - 1)),
+                                 pos - k + i0)
             col_v, col_i = sims.max(dim=0)                                   # (a,)
             seg = slice(i0, i0 + sims.shape[1])
             better = col_v > child_cos[seg]
