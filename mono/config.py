@@ -365,8 +365,9 @@ class SplittingConfig:
     of every shard, in proportion: a uniform sample, rows being shuffled within shards)."""
     block: int = 4096
     """Rows per side of a block of the decoder-cosine products (block^2 float32 at a time)."""
-    batch_rows: int = 2048
-    """Activation rows encoded per SAE forward in a correlation task."""
+    batch_rows: int = 1024
+    """Activation rows encoded per SAE forward in a correlation task (it holds two sizes'
+    (batch_rows, F) activations at once: 0.8 GB at 65,536 + 131,072 features)."""
     n_tasks: int = 0
     """Ray tasks over the sample (0 = 2 per CPU of the cluster)."""
     map_method: str = "umap"

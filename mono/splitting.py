@@ -188,20 +188,22 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
         x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
         for s in range(0, take, batch_rows):
             xb = reader.to_float32(np.array(x[s:s + batch_rows]), dtype)     # (N, H)
-            with torch.no_grad():
-                fs = [m.encode(xb) for m in models]                          # [(N, F)]
             acc["rows"] += len(xb)
-            for i, f in enumerate(fs):
+            chunk = max(1, PAIR_CHUNK_ELEMENTS // len(xb))
+            prev = None
+            for i, m in enumerate(models):  # two sizes' f at a time: (N, F_i) and (N, F_i+1)
+                with torch.no_grad():
+                    f = m.encode(xb)                                         # (N, F)
                 acc["sum"][i] += f.sum(0, dtype=torch.float64)
                 acc["sq"][i] += f.double().pow(2).sum(0)
                 acc["fired"][i] += (f > 0).sum(0)
-            chunk = max(1, PAIR_CHUNK_ELEMENTS // len(xb))
-            for lvl, p in enumerate(pair_t):
-                a, b = fs[lvl], fs[lvl + 1]
-                for c0 in range(0, len(p), chunk):
-                    pc = p[c0:c0 + chunk]
-                    acc["cross"][lvl][c0:c0 + len(pc)] += (a[:, pc[:, 0]] * b[:, pc[:, 1]]).sum(
-                        0, dtype=torch.float64)
+                if prev is not None:
+                    p = pair_t[i - 1]
+                    for c0 in range(0, len(p), chunk):
+                        pc = p[c0:c0 + chunk]
+                        acc["cross"][i - 1][c0:c0 + len(pc)] += (
+                            prev[:, pc[:, 0]] * f[:, pc[:, 1]]).sum(0, dtype=torch.float64)
+                prev = f
     return {k: v if k == "rows" else [t.numpy() for t in v] for k, v in acc.items()}
 
 
