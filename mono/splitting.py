@@ -62,9 +62,10 @@ import pyarrow as pa
 import ray
 import torch
 
-from mono import features, pages, reader, store
+from mono import family_pages, features, pages, reader, store
 from mono.config import Config
 from mono.errors import MissingInput, UserError
+from mono.sae import SparseAutoencoder
 from mono.train_sae import load_sae
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
     models = []
     for state in saes:
         H, F = state["W_enc"].shape
-        m = features.SparseAutoencoder(H, F, l1_coeff=0.0)
+        m = SparseAutoencoder(H, F, l1_coeff=0.0)
         m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         models.append(m.eval())
     pair_t = [torch.from_numpy(p) for p in pairs]
@@ -482,8 +483,6 @@ def member_tokens(trials: list[dict]) -> tuple[dict, dict]:
 
 def run(cfg: Config) -> dict:
     """The stage (module doc) -> summary.json's dict (+ "index": the families index)."""
-    from mono import family_pages
-
     t0 = time.perf_counter()
     trials = choose_trials(cfg)
     saes = [load_sae(t["sae_dir"])[0] for t in trials]
