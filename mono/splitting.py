@@ -136,14 +136,15 @@ def decoder_matches(small: torch.Tensor, large: torch.Tensor, k: int, block: int
     one (block, block) product and its (block, K + block) copy for top-k at a time.
     """
     S, L, k = small.shape[0], large.shape[0], min(k, small.shape[0])
-    parents = torch.empty(L, k, dtype=torch.int64)
-    parents_cos = torch.empty(L, k)
-    child_cos = torch.full((S,), -2.0)
-    child = torch.zeros(S, dtype=torch.int64)
+    dev = {"device": large.device}   # runs where the decoders are (CPU or CUDA)
+    parents = torch.empty(L, k, dtype=torch.int64, **dev)
+    parents_cos = torch.empty(L, k, **dev)
+    child_cos = torch.full((S,), -2.0, **dev)
+    child = torch.zeros(S, dtype=torch.int64, **dev)
     for j0 in range(0, L, block):
         lb = large[j0:j0 + block]                                            # (b, H)
-        best_v = torch.full((len(lb), k), -2.0)
-        best_i = torch.zeros(len(lb), k, dtype=torch.int64)
+        best_v = torch.full((len(lb), k), -2.0, **dev)
+        best_i = torch.zeros(len(lb), k, dtype=torch.int64, **dev)
         for i0 in range(0, S, block):
             sims = lb @ small[i0:i0 + block].T                               # (b, a)
             best_v, pos = torch.cat([best_v, sims], dim=1).topk(k, dim=1)
@@ -156,7 +157,7 @@ def decoder_matches(small: torch.Tensor, large: torch.Tensor, k: int, block: int
             child_cos[seg] = torch.where(better, col_v, child_cos[seg])
             child[seg] = torch.where(better, col_i + j0, child[seg])
         parents[j0:j0 + len(lb)], parents_cos[j0:j0 + len(lb)] = best_i, best_v
-    return parents.numpy(), parents_cos.numpy(), child.numpy(), child_cos.numpy()
+    return tuple(t.cpu().numpy() for t in (parents, parents_cos, child, child_cos))
 
 
 # --- activation correlation over a shared sample ---------------------------------------
