@@ -157,13 +157,16 @@ def index_page(summary: dict, fams: list[dict], trials: list[dict]) -> str:
         corr = f'{s["mean_parent_corr"]:.3f}' if "mean_parent_corr" in s else "-"
         split = ", ".join(f"{k}: {v:,}" for k, v in (s.get("split_factors") or {}).items())
         t = trials[s["size"]]
-        rows.append(f'<tr><td class="num">{s["n_features"]:,}</td><td>{esc(t["name"])}</td>'
+        rows.append(f'<tr><td class="num">{s["n_features"]:,}</td><td class="num">'
+                    f'{s["alive"]:,}</td><td>{esc(t["name"])}</td>'
                     f'<td class="num">{matched}</td><td class="num">{mean}</td>'
                     f'<td class="num">{corr}</td><td>{esc(split) or "-"}</td></tr>')
-    sizes_table = ('<table id="sizes"><thead><tr><th class="num">features</th><th>trial</th>'
-                   '<th class="num">close match one size down</th><th class="num">mean '
-                   'parent cosine</th><th class="num">mean parent correlation</th><th>split '
-                   'factors (children: features)</th></tr></thead><tbody>' + "".join(rows)
+    sizes_table = ('<table id="sizes"><thead><tr><th class="num">features</th><th class='
+                   '"num">alive on the sample</th><th>trial</th>'
+                   '<th class="num">alive with a close match one size down</th>'
+                   '<th class="num">mean parent cosine</th><th class="num">mean parent '
+                   'correlation</th><th>split factors (children: features)</th></tr></thead>'
+                   '<tbody>' + "".join(rows)
                    + "</tbody></table>")
     fam_rows = []
     for f in fams:
@@ -180,9 +183,10 @@ def index_page(summary: dict, fams: list[dict], trials: list[dict]) -> str:
             f'<h1>Feature splitting across {len(trials)} dictionary sizes</h1>'
             f'<p class="muted">A feature\'s parent is its nearest decoder direction in the '
             f'next smaller dictionary; it is linked to its {summary["candidates"]} nearest '
-            f'there when the decoder cosine is at least {summary["threshold"]:g}. Families: '
-            f'connected groups of linked features ({summary["families"]:,}). Activation '
-            f'correlations over {summary["sample_rows"]:,} shared rows.</p>'
+            f'there when the decoder cosine is at least {summary["threshold"]:g} and both '
+            f'fire on the sample. Families: connected groups of linked features '
+            f'({summary["families"]:,}). Activation correlations over '
+            f'{summary["sample_rows"]:,} shared rows.</p>'
             + sizes_table + '<div class="grid"><img src="matched.png" alt="fraction matched '
               'per size"><img src="split_factors.png" alt="split factor distribution"></div>'
             + '<h2>Families, largest first</h2>' + fam_table)

@@ -15,6 +15,7 @@ splitting.analyze is set: the family pages link to its feature pages). Writes
                       feature; parents / parents_cos (the `candidates` nearest decoder
                       directions in the next smaller dictionary) and each one's activation
                       correlation parents_corr; parent, parent_cos, parent_corr (the nearest);
+                      matched (linked to one of them);
                       children / children_cos (the features of the next larger dictionary
                       linked to it), split_factor (how many), best_child / best_child_cos
                       (its nearest there, linked or not); family (-1: unlinked); density on
@@ -37,9 +38,10 @@ Matching, for each pair of adjacent sizes (small S, large L, decoder rows unit-n
     at collection, so this is a uniform sample, and the same for every size), for the
     candidate pairs; Ray tasks over groups of row groups (as mono.features scans) return
     the sums sum f, sum f^2, sum f_S[i] f_L[j], merged on the driver.
-A link is a candidate pair with cosine >= threshold. Families are the connected components
-of the link graph over all sizes with two or more features: a graph, not a tree, since an
-L feature linked to two S features merges them. Split factor of an S feature: the number of
+A link is a candidate pair with cosine >= threshold between two features that fire on the
+sample (a dead feature's direction is no evidence of anything). Families are the connected
+components of the link graph over all sizes with two or more features: a graph, not a tree,
+since an L feature linked to two S features merges them. Split factor of an S feature: the number of
 L features linked to it (0: no close successor; 1: kept; >= 2: split).
 
 Map: every decoder direction of every size, embedded in 2-D by UMAP with the cosine metric
@@ -178,7 +180,7 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
         m = SparseAutoencoder(H, F, l1_coeff=0.0)
         m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         models.append(m.eval())
-    pair_t = [torch.from_numpy(p) for p in pairs]
+    pair_t = [torch.from_numpy(np.array(p)) for p in pairs]   # writable copies
     acc = {"rows": 0, "sum": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "sq": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "fired": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
@@ -263,9 +265,15 @@ def correlations(cfg: Config, saes: list, pairs: list[np.ndarray]) -> tuple[list
 # --- links and families ------------------------------------------------------------------
 
 
-def link_graph(sizes: list[int], parents: list[np.ndarray], parents_cos: list[np.ndarray],
-               threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Links (candidate pairs with cosine >= threshold) -> (family per feature of every
+def link_mask(parents: np.ndarray, parents_cos: np.ndarray, threshold: float,
+              alive_small: np.ndarray, alive_large: np.ndarray) -> np.ndarray:
+    """(L, K) bool: candidate pair linked (cosine >= threshold, both features alive)."""
+    return (parents_cos >= threshold) & alive_large[:, None] & alive_small[parents]
+
+
+def link_graph(sizes: list[int], parents: list[np.ndarray], links: list[np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Links (link_mask per level) -> (family per feature of every
     size, concatenated smallest first, -1 where unlinked; link count per feature). Families
     are the connected components with >= 2 features, numbered by size (largest first),
     ties by their first member."""
@@ -274,8 +282,8 @@ def link_graph(sizes: list[int], parents: list[np.ndarray], parents_cos: list[np
 
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     rows, cols = [], []
-    for lvl, (par, cos) in enumerate(zip(parents, parents_cos)):
-        child, slot = np.nonzero(cos >= threshold)
+    for lvl, (par, linked) in enumerate(zip(parents, links)):
+        child, slot = np.nonzero(linked)
         rows.append(offsets[lvl + 1] + child)
         cols.append(offsets[lvl] + par[child, slot])
     rows, cols = np.concatenate(rows), np.concatenate(cols)
@@ -294,10 +302,10 @@ def link_graph(sizes: list[int], parents: list[np.ndarray], parents_cos: list[np
 
 
 def children_of(n_small: int, parents: np.ndarray, parents_cos: np.ndarray,
-                threshold: float) -> tuple[list[list[int]], list[list[float]]]:
-    """For each small feature, the large features linked to it (cosine >= threshold),
-    best first, and their cosines."""
-    child, slot = np.nonzero(parents_cos >= threshold)
+                linked: np.ndarray) -> tuple[list[list[int]], list[list[float]]]:
+    """For each small feature, the large features linked to it (link_mask), best first,
+    and their cosines."""
+    child, slot = np.nonzero(linked)
     par, cos = parents[child, slot], parents_cos[child, slot]
     order = np.lexsort((-cos, par))
     kids: list[list[int]] = [[] for _ in range(n_small)]
@@ -374,10 +382,14 @@ def assemble(sizes: list[int], parents: list, parents_cos: list, parents_corr: l
              threshold: float) -> dict:
     """Per-level match arrays (level l: sizes l -> l + 1) -> matches.parquet's columns, one
     entry per feature of every size, smallest size first (module doc)."""
-    family, degree = link_graph(sizes, parents, parents_cos, threshold)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    alive = [np.asarray(density)[offsets[s]:offsets[s + 1]] > 0 for s in range(len(sizes))]
+    links = [link_mask(p, c, threshold, alive[lvl], alive[lvl + 1])
+             for lvl, (p, c) in enumerate(zip(parents, parents_cos))]
+    family, degree = link_graph(sizes, parents, links)
     cols: dict[str, list] = {k: [] for k in (
         "size", "n_features", "feature", "parents", "parents_cos", "parents_corr", "parent",
-        "parent_cos", "parent_corr", "children", "children_cos", "split_factor",
+        "parent_cos", "parent_corr", "matched", "children", "children_cos", "split_factor",
         "best_child", "best_child_cos")}
     for s, F in enumerate(sizes):
         cols["size"] += [s] * F
@@ -389,6 +401,7 @@ def assemble(sizes: list[int], parents: list, parents_cos: list, parents_corr: l
             cols["parent"] += [-1] * F
             cols["parent_cos"] += [np.nan] * F
             cols["parent_corr"] += [np.nan] * F
+            cols["matched"] += [False] * F
         else:
             p, pc, pr = parents[s - 1], parents_cos[s - 1], parents_corr[s - 1]
             cols["parents"] += p.tolist()
@@ -397,8 +410,9 @@ def assemble(sizes: list[int], parents: list, parents_cos: list, parents_corr: l
             cols["parent"] += p[:, 0].tolist()
             cols["parent_cos"] += pc[:, 0].tolist()
             cols["parent_corr"] += pr[:, 0].tolist()
+            cols["matched"] += links[s - 1].any(axis=1).tolist()
         if s + 1 < len(sizes):
-            kids, scores = children_of(F, parents[s], parents_cos[s], threshold)
+            kids, scores = children_of(F, parents[s], parents_cos[s], links[s])
             cols["children"] += kids
             cols["children_cos"] += scores
             cols["split_factor"] += [len(k) for k in kids]
@@ -424,21 +438,22 @@ def matches_table(cols: dict) -> pa.Table:
     return pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
 
 
-def size_summary(sizes: list[int], cols: dict, threshold: float) -> list[dict]:
-    """Per size: features, matched (best parent cosine >= threshold; None for the
-    smallest), mean best-parent cosine, the split factors' distribution {factor: count}."""
+def size_summary(sizes: list[int], cols: dict) -> list[dict]:
+    """Per size, over its features alive on the sample: alive, matched (linked to a feature
+    one size down; absent for the smallest) and its fraction, mean best-parent cosine and
+    correlation, the split factors' distribution {factor: count}."""
     size = np.asarray(cols["size"])
+    live = np.asarray(cols["density"]) > 0
     out = []
     for s, F in enumerate(sizes):
-        sel = size == s
-        entry = {"size": s, "n_features": F}
+        sel = (size == s) & live
+        entry = {"size": s, "n_features": F, "alive": int(sel.sum())}
         if s > 0:
-            cos = np.asarray(cols["parent_cos"])[sel]
-            corr = np.asarray(cols["parent_corr"])[sel]
-            entry |= {"matched": int((cos >= threshold).sum()),
-                      "matched_fraction": float((cos >= threshold).mean()),
-                      "mean_parent_cos": float(cos.mean()),
-                      "mean_parent_corr": float(corr.mean())}
+            matched = np.asarray(cols["matched"])[sel]
+            entry |= {"matched": int(matched.sum()),
+                      "matched_fraction": float(matched.mean()) if sel.any() else 0.0,
+                      "mean_parent_cos": float(np.mean(np.asarray(cols["parent_cos"])[sel])),
+                      "mean_parent_corr": float(np.mean(np.asarray(cols["parent_corr"])[sel]))}
         if s + 1 < len(sizes):
             factors = Counter(np.asarray(cols["split_factor"])[sel].tolist())
             entry["split_factors"] = {str(k): factors[k] for k in sorted(factors)}
@@ -505,7 +520,7 @@ def run(cfg: Config) -> dict:
     summary = {"trials": trials, "threshold": cfg.splitting.threshold,
                "candidates": cfg.splitting.candidates, "map_method": cfg.splitting.map_method,
                "sample_rows": result["sample_rows"],
-               "sizes": size_summary(sizes, cols, cfg.splitting.threshold),
+               "sizes": size_summary(sizes, cols),
                "families": len(fams),
                "largest_families": [{k: f[k] for k in ("id", "per_size", "tokens")}
                                     for f in fams[:10]],

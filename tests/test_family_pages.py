@@ -37,7 +37,7 @@ def site(tmp_path_factory):
     fams = splitting.families_json(cols, tokens)
     summary = {"trials": trials, "threshold": 0.7, "candidates": 3, "sample_rows": 100,
                "families": len(fams),
-               "sizes": splitting.size_summary(list(SIZES), cols, 0.7)}
+               "sizes": splitting.size_summary(list(SIZES), cols)}
     index = family_pages.write(store.Layout(out).splitting, cols, fams, summary, tables)
     return {"out": out, "index": index, "cols": cols, "families": fams, "trials": trials}
 
