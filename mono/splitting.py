@@ -241,9 +241,6 @@ def correlations(cfg: Config, saes: list, pairs: list[np.ndarray]) -> tuple[list
     densities on the sample, rows)."""
     sp = cfg.splitting
     shards = reader.shard_list(cfg.out)
-    if shards["H"] != saes[0].d_in:
-        raise UserError(f"the SAEs read {saes[0].d_in}-wide activations but the shards of "
-                        f"{store.Layout(cfg.out).acts} hold H={shards['H']}")
     pieces = features.plan_pieces(shards, sp.sample_rows)
     n_tasks = sp.n_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     groups = features.split_tasks(pieces, n_tasks)
@@ -497,15 +494,26 @@ def member_tokens(trials: list[dict]) -> tuple[dict, dict]:
     return tokens, tables
 
 
-def run(cfg: Config) -> dict:
-    """The stage (module doc) -> summary.json's dict (+ "index": the families index)."""
-    t0 = time.perf_counter()
+def check(cfg: Config) -> tuple[list[dict], list]:
+    """The stage's input check, cheap and without Ray: one finished trial per size, their
+    SAEs of one width, the activation shards of that width. -> (trials, SAEs) for `run`."""
     trials = choose_trials(cfg)
     saes = [load_sae(t["sae_dir"])[0] for t in trials]
     widths = {m.d_in for m in saes}
     if len(widths) != 1:
         raise UserError(f"the trials' SAEs read different widths {sorted(widths)}: "
                         f"{[t['name'] for t in trials]}")
+    shards = reader.shard_list(cfg.out)
+    if shards["H"] != saes[0].d_in:
+        raise UserError(f"the SAEs read {saes[0].d_in}-wide activations but the shards of "
+                        f"{store.Layout(cfg.out).acts} hold H={shards['H']}")
+    return trials, saes
+
+
+def run(cfg: Config) -> dict:
+    """The stage (module doc) -> summary.json's dict (+ "index": the families index)."""
+    t0 = time.perf_counter()
+    trials, saes = check(cfg)
     logger.info("splitting: sizes %s (%s)", [t["n_features"] for t in trials],
                 ", ".join(t["name"] for t in trials))
     ensure_analyses(cfg, trials)
