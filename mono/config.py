@@ -271,6 +271,9 @@ class SweepConfig:
     """L1 coefficients of the grid."""
     lr: tuple[float, ...] = (1e-4, 3e-4)
     """Learning rates of the grid."""
+    n_features: tuple[int, ...] = ()
+    """Dictionary sizes of the grid (an axis like l1_coeff and lr: every size trains on the
+    same stream, seed, l1 and lr); empty = sae.n_features alone."""
     name: str = "sweep"
     """Experiment name: <storage_path>/<name>."""
     storage_path: str = ""
@@ -302,6 +305,10 @@ class SweepConfig:
             for v in getattr(self, name):
                 if not (v > 0 and math.isfinite(v)):
                     raise ValueError(f"SweepConfig.{name} values must be positive, got {v!r}")
+        if any(not isinstance(n, int) or n <= 0 for n in self.n_features) or len(
+                set(self.n_features)) != len(self.n_features):
+            raise ValueError(f"SweepConfig.n_features must be distinct positive sizes, got "
+                             f"{self.n_features!r}")
         _positive(self, "draw_rows_per_group")
         _non_negative(self, "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
                       "max_failures", "pack")
@@ -358,6 +365,45 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class SplittingConfig:
+    """Feature splitting: features of one trial per dictionary size matched across sizes."""
+
+    trials: tuple[str, ...] = ()
+    """Trials to match, one per dictionary size (names in the sweep's trials.json); empty =
+    every finished size at the l1_coeff and lr of the sweep's best trial (analysis.target_l0)."""
+    threshold: float = 0.7
+    """Decoder cosine at or above which a feature and a parent candidate are linked (a close
+    match one size down; links make the families)."""
+    candidates: int = 3
+    """Parent candidates kept per feature: its top decoder cosines in the next smaller
+    dictionary (two or more linked ones make a merge)."""
+    sample_rows: int = 65_536
+    """Activation rows of the shared sample the activation correlations use (the first rows
+    of every shard, in proportion: a uniform sample, rows being shuffled within shards)."""
+    block: int = 4096
+    """Rows per side of a block of the decoder-cosine products (block^2 float32 at a time)."""
+    batch_rows: int = 1024
+    """Activation rows encoded per SAE forward in a correlation task (it holds two sizes'
+    (batch_rows, F) activations at once: 0.8 GB at 65,536 + 131,072 features)."""
+    n_tasks: int = 0
+    """Ray tasks over the sample (0 = 2 per CPU of the cluster)."""
+    map_method: str = "umap"
+    """2-D map of every decoder direction: umap (cosine metric, as the paper's map) or pca."""
+    map_points: int = 30_000
+    """Most features drawn in the interactive SVG map (a seeded sample beyond; the PNG
+    shows all)."""
+    analyze: bool = True
+    """Analyse each matched trial that has no analysis yet (its feature pages are what the
+    family pages link to)."""
+
+    def __post_init__(self):
+        _positive(self, "candidates", "sample_rows", "block", "batch_rows", "map_points")
+        _non_negative(self, "n_tasks")
+        _fraction(self, "threshold")
+        _choice(self, "map_method", ("umap", "pca"))
+
+
+@dataclass(frozen=True)
 class Config:
     """Every stage's settings, and where the run's artifacts live."""
 
@@ -372,6 +418,7 @@ class Config:
     sae: SaeConfig = field(default_factory=SaeConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    splitting: SplittingConfig = field(default_factory=SplittingConfig)
 
     def __post_init__(self):
         if not self.out:
@@ -531,7 +578,9 @@ PRESETS: dict[str, Config] = {
                         use_gpu=True, cpus_per_actor=6),
         train_lm=TrainLmConfig(use_gpu=True),
         sae=SaeConfig(device="auto"),
-        sweep=SweepConfig(gpus_per_trial=0.25, cpus_per_trial=2.0),
+        # Runs A/0 ... A/5 of the paper: 512 ... 131,072 features on the same activations.
+        sweep=SweepConfig(gpus_per_trial=0.25, cpus_per_trial=2.0,
+                          n_features=(512, 4096, 16_384, 32_768, 65_536, 131_072)),
     ),
 }
 

@@ -217,8 +217,10 @@ def top_tokens(examples: list[dict], n: int = 3) -> list[str]:
     return [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def feature_browser(analysis_dir: str, summary: dict | None = None) -> str:
-    """Write <analysis_dir>/html/ from the tables (module doc); -> the index.html path."""
+def feature_browser(analysis_dir: str, summary: dict | None = None, extra=None) -> str:
+    """Write <analysis_dir>/html/ from the tables (module doc); -> the index.html path.
+    extra: feature id -> HTML put under each feature page's heading (mono.family_pages
+    links the feature's parent and children in other dictionary sizes)."""
     rows, examples, saved = read_tables(analysis_dir)
     summary = summary or saved
     out = store.join(analysis_dir, "html")
@@ -228,7 +230,8 @@ def feature_browser(analysis_dir: str, summary: dict | None = None) -> str:
     for row in rows:
         store.write_bytes_atomic(store.join(out, "features", f"{row['feature']}.html"),
                                  feature_page(row, feats[row["feature"]], len(rows),
-                                              examples).encode())
+                                              examples, extra(row["feature"]) if extra
+                                              else "").encode())
     cutoff = float((summary.get("analysis") or {}).get("seed_cutoff", 1e-3))
     for name, page in seed_pages(rows, feats, cutoff, examples["rows"]).items():
         store.write_bytes_atomic(store.join(out, name), page.encode())
@@ -293,7 +296,7 @@ def _logit_table(tokens: list[str], values: list[float], sign: str) -> str:
            f'<tbody>{rows}</tbody></table>'
 
 
-def feature_page(row: dict, feat: dict, n_features: int, meta: dict) -> str:
+def feature_page(row: dict, feat: dict, n_features: int, meta: dict, extra: str = "") -> str:
     i, cls, max_act = row["feature"], row["density_class"], row["max_act"]
     nav = ('<nav class="top">'
            + (f'<a href="{i - 1}.html" rel="prev">&larr; {i - 1}</a>' if i > 0 else "")
@@ -302,7 +305,8 @@ def feature_page(row: dict, feat: dict, n_features: int, meta: dict) -> str:
               else "") + "</nav>")
     head = (f'<h1>Feature {i} <span class="badge {esc(cls)}">{esc(cls)}</span></h1>'
             f'<p>density {row["density"]:.3g} ({row["count"]:,} of {meta["rows"]:,} rows), '
-            f'max activation {max_act:.4g}, mean when active {row["mean_act"]:.4g}</p>')
+            f'max activation {max_act:.4g}, mean when active {row["mean_act"]:.4g}</p>'
+            + extra)
     logits = ('<h2>Logit effects</h2><p class="muted">decoder direction through c_proj, '
               'linearised ln_f and the unembedding; relative to the median token</p>'
               '<div class="cols"><div>' + _logit_table(row["logit_top"],
@@ -370,7 +374,8 @@ def dead_page(rows: list[dict], n_rows: int) -> str:
 # every value HTML-escaped; works from file:// offline. Local paths and URIs alike.
 
 SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metrics
-    ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"), ("step", "steps", "{:,}"),
+    ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"),
+    ("n_features", "features", "{:,}"), ("step", "steps", "{:,}"),
     ("l0", "L0", "{:.2f}"), ("mse", "MSE", "{:.4g}"),
     ("explained_variance", "explained var", "{:.3f}"),
     ("loss_recovered", "loss recovered", "{:.3f}"),

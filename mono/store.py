@@ -11,6 +11,7 @@ URI; pyarrow.fs picks the filesystem):
     <out>/acts/manifest.json                 written last
     <out>/sweep/<experiment>/...             Tune experiment
     <out>/analysis/<trial>/                  feature tables + html/
+    <out>/splitting/                         features matched across sizes, families, a map
 
 Manifests and shards are written to a temporary name and renamed, so a reader never sees
 half a file and a crashed stage leaves no manifest (which marks it unfinished).
@@ -162,6 +163,10 @@ class Layout:
 
     def analysis(self, trial: str) -> str:
         return join(self.out, "analysis", trial)
+
+    @property
+    def splitting(self) -> str:
+        return join(self.out, "splitting")
 
 
 # --- token shards ----------------------------------------------------------------------

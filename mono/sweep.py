@@ -6,7 +6,7 @@ path or an s3:// / gs:// URI, which multi-node clusters need):
 
     sweep.json                       the Config the experiment started with (a rerun must match)
     tuner.pkl, experiment_state-*    Tune's state: rerunning the same command restores it
-    <trial>/                         one per grid point: l1_<l1>_lr_<lr>_<trial id>
+    <trial>/                         one per grid point: [F_<size>_]l1_<l1>_lr_<lr>_<trial id>
         params.json result.json progress.csv events.out.tfevents.*   Tune's loggers
         checkpoint_00000N/           the 2 latest train_sae checkpoints (one per eval)
         sae/                         the export (cfg.json, sae.safetensors, sae_lens/) ...
@@ -114,14 +114,16 @@ def experiment_dir(cfg: Config) -> str:
 
 
 def trial_dirname(trial) -> str:
-    """Trial directory names: l1_<l1>_lr_<lr>_<trial id> (the grid point, readable), or
-    pack<K>_l1_<l1>_lr_<lr>_<trial id> (a pack, by its first member)."""
+    """Trial directory names: [F_<n_features>_]l1_<l1>_lr_<lr>_<trial id> (the grid point,
+    readable; F_ when dictionary size is an axis), or [F_<n_features>_]pack<K>_l1_<l1>_lr_<lr>_
+    <trial id> (a pack, by its first member)."""
     c = trial.config
+    size = f"F_{c['n_features']}_" if "n_features" in c else ""
     if "pack" in c:
         first = c["pack"][0]
-        return f"pack{len(c['pack'])}_l1_{first['l1_coeff']:g}_lr_{first['lr']:g}_" \
+        return f"{size}pack{len(c['pack'])}_l1_{first['l1_coeff']:g}_lr_{first['lr']:g}_" \
                f"{trial.trial_id}"
-    return f"l1_{c['l1_coeff']:g}_lr_{c['lr']:g}_{trial.trial_id}"
+    return f"{size}l1_{c['l1_coeff']:g}_lr_{c['lr']:g}_{trial.trial_id}"
 
 
 # --- checks before anything starts ----------------------------------------------------
@@ -133,7 +135,7 @@ def _identity(cfg: Config) -> dict:
     sae.pop("device")
     return {"out": cfg.out, "seed": cfg.seed, "sae": sae, "name": cfg.sweep.name,
             "l1_coeff": list(cfg.sweep.l1_coeff), "lr": list(cfg.sweep.lr),
-            "pack": cfg.sweep.pack}
+            "pack": cfg.sweep.pack, "n_features": list(cfg.sweep.n_features)}
 
 
 def check_storage(path: str) -> None:
@@ -474,17 +476,22 @@ def run(cfg: Config) -> dict:
 
 def param_space(cfg: Config, k: int = 1) -> dict:
     """The grid: keys are SaeConfig field names (the trial does replace(cfg.sae, **config));
-    with k > 1, {"pack": grid_search over the grid points in packs of up to k}."""
+    with k > 1, {"pack": grid_search over the grid points in packs of up to k}; n_features
+    (only when the sweep sets sizes) is an axis of its own, so a pack holds one size."""
+    sizes = {"n_features": tune.grid_search(list(cfg.sweep.n_features))} \
+        if cfg.sweep.n_features else {}
     if k <= 1:
         return {"l1_coeff": tune.grid_search(list(cfg.sweep.l1_coeff)),
-                "lr": tune.grid_search(list(cfg.sweep.lr))}
+                "lr": tune.grid_search(list(cfg.sweep.lr))} | sizes
     points = grid_points(cfg)
     n = -(-len(points) // -(-len(points) // k))   # even packs: 5 points at k 4 -> 3 + 2
-    return {"pack": tune.grid_search([points[i:i + n] for i in range(0, len(points), n)])}
+    return {"pack": tune.grid_search([points[i:i + n] for i in range(0, len(points), n)])} \
+        | sizes
 
 
 def grid_points(cfg: Config) -> list[dict]:
-    """Every (l1_coeff, lr) point of the grid, in the order Tune's grid_search makes them."""
+    """Every (l1_coeff, lr) point of the grid, in the order Tune's grid_search makes them
+    (per dictionary size, when sizes are an axis)."""
     return [{"l1_coeff": l1, "lr": lr} for lr in cfg.sweep.lr for l1 in cfg.sweep.l1_coeff]
 
 
@@ -495,7 +502,8 @@ def pack_size(cfg: Config, H: int) -> int:
     n = len(grid_points(cfg))
     if cfg.sweep.pack:
         return min(cfg.sweep.pack, n)
-    per_sae = pack.pack_memory(cfg, H)
+    largest = max(cfg.sweep.n_features, default=cfg.sae.n_features)
+    per_sae = pack.pack_memory(replace(cfg, sae=replace(cfg.sae, n_features=largest)), H)
     sw = cfg.sweep
     if sw.gpus_per_trial > 0:
         import torch
@@ -571,12 +579,13 @@ def _trial_dirs(exp: str) -> list[str]:
 
 def index_trials(exp: str) -> list[dict]:
     """Read every trial dir of `exp` and write <exp>/trials.json: {"experiment", "trials":
-    [entry, ...]} sorted by (l1_coeff, lr). An entry: name (the dir), trial_id, l1_coeff,
-    lr, status (done | error | unfinished), dir, sae_dir (done only), metrics (the final
-    metrics.json; done only), last_report (the last metrics Tune got), reports (how many),
-    error (the first line of error.txt, if not done)."""
+    [entry, ...]} sorted by (l1_coeff, lr, n_features). An entry: name (the dir), trial_id,
+    l1_coeff, lr, n_features (None unless the sweep sets sizes), status (done | error |
+    unfinished), dir, sae_dir (done only), metrics (the final metrics.json; done only),
+    last_report (the last metrics Tune got), reports (how many), error (the first line of
+    error.txt, if not done)."""
     trials = [e for name in _trial_dirs(exp) for e in _trial_entries(exp, name)]
-    trials.sort(key=lambda t: (t["l1_coeff"], t["lr"], t["name"]))
+    trials.sort(key=lambda t: (t["l1_coeff"], t["lr"], t["n_features"] or 0, t["name"]))
     store.write_json(store.join(exp, TRIALS_JSON), {"experiment": exp, "trials": trials})
     return trials
 
@@ -588,7 +597,8 @@ def _trial_entries(exp: str, name: str) -> list[dict]:
     params = store.read_json(store.join(d, "params.json"))
     if "pack" not in params:
         return [_trial_entry(exp, name)]
-    whole = _trial_entry(exp, name, params={"l1_coeff": None, "lr": None})
+    whole = _trial_entry(exp, name, params={"l1_coeff": None, "lr": None,
+                                                 "n_features": params.get("n_features")})
     out = []
     for member in params["pack"]:
         m = pack.member_name(member)
@@ -626,7 +636,8 @@ def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
         lines = store.read_bytes(store.join(d, "result.json")).decode().splitlines()
     last = json.loads(lines[-1]) if lines else {}
     entry = {"name": name, "trial_id": last.get("trial_id", "_".join(name.split("_")[-2:])),
-             "l1_coeff": params["l1_coeff"], "lr": params["lr"], "dir": d,
+             "l1_coeff": params["l1_coeff"], "lr": params["lr"],
+             "n_features": params.get("n_features"), "dir": d,
              "reports": len(lines), "last_report": _metrics_only(last)}
     done = all(store.exists(store.join(d, train_sae.EXPORT, f))
                for f in ("cfg.json", train_sae.SAE_WEIGHTS)) and store.exists(

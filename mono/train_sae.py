@@ -543,7 +543,10 @@ class SaeRun:
             check_resumable(ckpt_path, ckpt[0], cfg, self.inputs)
         self.lm = evalset.lm if evalset is not None else store.load_lm(
             cfg.out, expect=cfg.lm, device=str(self.device))
-        gen = torch.Generator().manual_seed(cfg.seed)
+        # Init seeded by (seed, F): with the seed alone, every size's first rows would be the
+        # smaller sizes' initial dictionary, and feature splitting would match inits.
+        init_seed = int(np.random.SeedSequence([cfg.seed, sc.n_features]).generate_state(1)[0])
+        gen = torch.Generator().manual_seed(init_seed)
         self.sae = SparseAutoencoder(self.inputs["H"], sc.n_features, sc.l1_coeff,
                                      device=self.device, generator=gen)
         self.trainer = Trainer(self.sae, sc.lr)

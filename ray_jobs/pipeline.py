@@ -1,4 +1,5 @@
-"""Every stage in order: tokenize -> train_lm -> collect_acts -> sweep_sae -> analyze.
+"""Every stage in order: tokenize -> train_lm -> collect_acts -> sweep_sae -> analyze ->
+splitting (when the sweep has >= 2 dictionary sizes, --sweep.n_features).
 
     python -m ray_jobs.pipeline                       # demo preset into runs/demo, offline
     python -m ray_jobs.pipeline --preset tiny --out runs/tiny --corpus notes.txt
@@ -6,15 +7,16 @@
         --out s3://BUCKET/mono/paper
 
 Takes every stage's flags. A bare --<field> means the first section, in pipeline order
-(tokens, lm, train_lm, acts, sae, sweep, analysis), that has it: --lr is the LM's learning
-rate; --sae.lr 1e-3 sets the SAE's, --sweep.lr 1e-4 3e-4 and --sweep.l1_coeff 1e-3 3e-3 the
-sweep grid (likewise --sae.batch_size, --sae.eval_interval, --acts.dtype, --acts.use_gpu).
+(tokens, lm, train_lm, acts, sae, sweep, analysis, splitting), that has it: --lr is the LM's
+learning rate; --sae.lr 1e-3 sets the SAE's, --sweep.lr 1e-4 3e-4 and --sweep.l1_coeff 1e-3
+3e-3 the sweep grid, --sweep.n_features 512 1024 2048 its dictionary sizes (likewise
+--sae.batch_size, --sae.eval_interval, --acts.dtype, --acts.use_gpu).
 
 Writes <out>/cfg.json first, then each stage's artifacts (see mono/store.py). Each stage
 needs the one before it, so the chain stops at the first stage whose module (mono.tokens,
-mono.train_lm, mono.acts, mono.sweep, mono.features) is not there yet; a stage that fails
-stops the pipeline with its error. Rerunning resumes the stages that support it (train_lm,
-collect_acts, sweep_sae).
+mono.train_lm, mono.acts, mono.sweep, mono.features, mono.splitting) is not there yet; a
+stage that fails stops the pipeline with its error. Rerunning resumes the stages that
+support it (train_lm, collect_acts, sweep_sae).
 
 Errors: --out and the first stage's inputs (the corpus) are checked before Ray starts; each
 later stage's inputs exist only once the stage before it ran, so its check
@@ -34,13 +36,14 @@ from mono import cli, store
 from mono.errors import UserError
 
 PROG = "python -m ray_jobs.pipeline"
-SECTIONS = ("tokens", "lm", "train_lm", "acts", "sae", "sweep", "analysis")
+SECTIONS = ("tokens", "lm", "train_lm", "acts", "sae", "sweep", "analysis", "splitting")
 STAGES = (  # (job name, library module with run(cfg) and check(cfg))
     ("tokenize", "tokens"),
     ("train_lm", "train_lm"),
     ("collect_acts", "acts"),
     ("sweep_sae", "sweep"),
     ("analyze", "features"),
+    ("splitting", "splitting"),
 )
 
 
@@ -60,6 +63,8 @@ def stage_dir(stage: str, cfg) -> str:
             return layout.sweep
         case "analyze":
             return store.join(cfg.out, "analysis")
+        case "splitting":
+            return layout.splitting
         case other:
             raise ValueError(f"unknown stage {other!r}")
 
@@ -122,6 +127,10 @@ def main(argv: list[str] | None = None, init=None) -> list[dict]:
     results, missing, t_all = [], None, time.perf_counter()
     for i, (stage, module) in enumerate(STAGES, 1):
         run = None if missing else _stage_run(module)
+        if run is not None and stage == "splitting" and len(cfg.sweep.n_features) < 2:
+            results.append({"stage": stage, "ran": False,
+                            "why": "needs a sweep over >= 2 sizes (--sweep.n_features)"})
+            continue
         if run is None:
             why = f"needs {missing}" if missing else f"mono.{module}.run not written yet"
             missing = missing or f"mono.{module}.run"
@@ -156,6 +165,9 @@ def _print_summary(results: list[dict], cfg, total_s: float) -> None:
                    if p.endswith("/html/index.html"))
     for page in pages:
         print(f"feature browser: {page}")
+    families = store.join(stage_dir("splitting", cfg), "html", "index.html")
+    if any(r["ran"] and r["stage"] == "splitting" for r in results):
+        print(f"feature splitting: {families}")
     print(f"total {total_s:.1f} s")
 
 

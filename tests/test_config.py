@@ -41,6 +41,7 @@ ZERO_OK = {
     ("sae", "n_steps"), ("sae", "report_interval"), ("sweep", "cpus_per_trial"), ("sweep", "pack"),
     ("sweep", "gpus_per_trial"), ("sweep", "max_concurrent_trials"), ("sweep", "max_failures"),
     ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"), ("top", "seed"),
+    ("splitting", "n_tasks"),
 }
 
 
@@ -58,7 +59,8 @@ def _numeric_fields():
 def _tuple_fields():
     return [(section, f.name) for section, cls in SECTIONS.items()
             for f in dataclasses.fields(cls)
-            if typing.get_origin(field_types(cls)[f.name]) is tuple]
+            if typing.get_origin(field_types(cls)[f.name]) is tuple
+            and typing.get_args(field_types(cls)[f.name])[0] in (int, float)]  # not names
 
 
 def _set(cfg: Config, section: str, name: str, value) -> Config:

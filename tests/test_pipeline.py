@@ -66,9 +66,10 @@ def test_pipeline_stops_at_the_first_missing_stage(tmp_path, monkeypatch, capsys
     calls = _stub_stages(monkeypatch, {"tokens", "train_lm", "sweep", "features"})
     results = pipeline.main(["--preset", "tiny", "--out", str(tmp_path / "run")])
     assert [m for m, _ in calls] == ["tokens", "train_lm"]
-    assert [r["ran"] for r in results] == [True, True, False, False, False]
+    assert [r["ran"] for r in results] == [True, True, False, False, False, False]
     assert [r.get("why") for r in results[2:]] == [
-        "mono.acts.run not written yet", "needs mono.acts.run", "needs mono.acts.run"]
+        "mono.acts.run not written yet", "needs mono.acts.run", "needs mono.acts.run",
+        "needs mono.acts.run"]
     text = capsys.readouterr().out
     assert "=== summary:" in text and "not run: mono.acts.run not written yet" in text
 
