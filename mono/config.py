@@ -228,7 +228,17 @@ class SaeConfig:
     eval_interval: int = 1000
     """Steps between evaluations (and checkpoints)."""
     eval_contexts: int = 64
-    """Held-out validation contexts for the LM-loss metrics."""
+    """Held-out validation contexts for the LM-loss metrics: a random sample of the val
+    split seeded by the run's seed alone, so every trial of a sweep evaluates on the same."""
+    mean_rows: int = 1_048_576
+    """Training rows averaged for the mean-ablation baseline L_mean (0 = every row): the
+    first rows of the seeded training stream, computed once per activation dataset."""
+    density_window: int = 10_000_000
+    """Training rows of the trailing window the feature densities (and the dead / ultralow /
+    dense counts) are counted over: resolution 1 / rows (paper scale: ~1e-7)."""
+    ultralow_density: float = 1e-5
+    """Alive features below this training-stream density count as ultralow. Our cutoff, not
+    the paper's: its A/1 ultralow cluster sits below 1e-6."""
     checkpoint_interval: int = 5000
     """Steps between checkpoints (also written at each eval and at the end)."""
     device: str = "auto"
@@ -237,8 +247,9 @@ class SaeConfig:
     def __post_init__(self):
         _positive(self, "n_features", "l1_coeff", "lr", "batch_size", "dead_window",
                   "resample_inputs", "geom_median_samples", "shuffle_buffer",
-                  "eval_interval", "eval_contexts", "checkpoint_interval")
-        _non_negative(self, "n_steps")
+                  "eval_interval", "eval_contexts", "checkpoint_interval", "density_window")
+        _non_negative(self, "n_steps", "mean_rows")
+        _fraction(self, "ultralow_density")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         if any(s <= 0 for s in self.resample_at) or list(self.resample_at) != sorted(
             set(self.resample_at)
@@ -296,8 +307,9 @@ class AnalysisConfig:
 
     trial: str = ""
     """Trial to analyse: a trial name of the sweep's trials.json, or a path to an SAE export
-    dir (cfg.json + sae.safetensors); '' = the sweep's best by loss_recovered among trials
-    with L0 <= target_l0, else <out>/sae_single/sae."""
+    dir (cfg.json + sae.safetensors); '' = the sweep's best by loss_recovered_mean (loss
+    recovered against mean ablation) among trials with L0 <= target_l0, else
+    <out>/sae_single/sae."""
     max_rows: int = 0
     """Activation rows scanned (0 = all): the first rows of every shard, in proportion
     (rows are shuffled within a shard, so that is a uniform sample of each)."""
@@ -316,6 +328,10 @@ class AnalysisConfig:
     """Bins of each feature's activation histogram, evenly spaced over (0, max]."""
     logit_tokens: int = 10
     """Tokens listed at each end of a feature's logit effects (seed, paper: 10)."""
+    logit_min_count: int = 10
+    """Tokens that occur fewer times than this in the training token shards are left out of
+    the logit-effect lists and their median (their embedding rows are barely trained and
+    otherwise lead the lists); 0 keeps every token."""
     ultralow_density: float = 1e-5
     """Alive features below this density are 'ultralow' (the training metrics' cutoff)."""
     dense_density: float = 1e-2
@@ -332,7 +348,7 @@ class AnalysisConfig:
     def __post_init__(self):
         _positive(self, "top_k", "n_intervals", "samples_per_interval", "target_l0",
                   "hist_bins", "logit_tokens", "batch_rows")
-        _non_negative(self, "max_rows", "window", "n_tasks")
+        _non_negative(self, "max_rows", "window", "n_tasks", "logit_min_count")
         for name in ("ultralow_density", "dense_density", "seed_cutoff"):
             _fraction(self, name)
         if not self.ultralow_density < self.dense_density:
