@@ -333,7 +333,8 @@ class AnalysisConfig:
     the logit-effect lists and their median (their embedding rows are barely trained and
     otherwise lead the lists); 0 keeps every token."""
     ultralow_density: float = 1e-5
-    """Alive features below this density are 'ultralow' (the training metrics' cutoff)."""
+    """Alive features below this density over the rows scanned are 'ultralow' (our cutoff,
+    as sae.ultralow_density; the paper's A/1 ultralow cluster sits below 1e-6)."""
     dense_density: float = 1e-2
     """Features above this density are 'dense' (the training metrics' cutoff)."""
     seed_cutoff: float = 1e-3
@@ -505,11 +506,13 @@ PRESETS: dict[str, Config] = {
         sae=SaeConfig(n_features=1024, l1_coeff=5e-3, lr=3e-4, batch_size=1024, n_steps=1200,
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
-                      eval_contexts=128, checkpoint_interval=600),
+                      eval_contexts=128, checkpoint_interval=600, mean_rows=0,
+                      density_window=307_200),
         # Two trials: both run at once on 2 cores (a third would wait for a free CPU). On the
         # 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 -> L0 11.1,
         # 0.964; 1e-2 -> L0 6.5, 0.897.
-        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,), pool_rows=65_536),
+        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), pool_rows=65_536,
+                          cpus_per_trial=0.66),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the

@@ -17,7 +17,7 @@ path or an s3:// / gs:// URI, which multi-node clusters need):
 
 Each trial trains in its local Tune working directory and reports every eval to Tune
 (`tune.report` with `tune.Checkpoint.from_directory` of train_sae's checkpoint): the
-metrics, and the eval's log10 feature densities as an (F,) array, which Tune's TensorBoard
+metrics, and the log10 training-window densities as an (F,) array, which Tune's TensorBoard
 logger writes as a histogram. A crashed trial is retried `max_failures` times from its last
 reported checkpoint (FailureConfig); an interrupted experiment is restored by running the
 same command again (`Tuner.restore(resume_errored=True)`): finished trials are kept,
@@ -186,7 +186,7 @@ def _setup_s(metrics: dict, start: int, elapsed: float, batch_size: int) -> floa
 
 
 def _log10_density(checkpoint_dir: str) -> np.ndarray:
-    """(F,) float32 log10 eval densities of a checkpoint (never-fired features at -10)."""
+    """(F,) float32 log10 training-window densities of a checkpoint (never fired: -10)."""
     density = np.load(os.path.join(checkpoint_dir, train_sae.DENSITY))         # (F,)
     with np.errstate(divide="ignore"):
         return np.maximum(np.log10(density), DENSITY_FLOOR).astype(np.float32)
