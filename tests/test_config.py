@@ -38,9 +38,10 @@ ZERO_OK = {
     ("train_lm", "weight_decay"), ("train_lm", "grad_clip"), ("train_lm", "max_failures"),
     ("train_lm", "num_workers"),
     ("acts", "n_contexts"), ("acts", "max_actors"), ("acts", "threads_per_actor"),
-    ("sae", "n_steps"), ("sweep", "cpus_per_trial"),
+    ("sae", "n_steps"), ("sae", "mean_rows"), ("sweep", "cpus_per_trial"),
     ("sweep", "gpus_per_trial"), ("sweep", "max_concurrent_trials"), ("sweep", "max_failures"),
-    ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"), ("top", "seed"),
+    ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"),
+    ("analysis", "logit_min_count"), ("top", "seed"),
 }
 
 
