@@ -501,22 +501,27 @@ PRESETS: dict[str, Config] = {
         # resampling at 1/4, 1/2, 3/4 of the run. Tuned on a demo-shaped LM (328 k tokens,
         # val 5.98): lr 3e-4 (the paper's) left 4 of 1024 features dead over the last 400
         # steps where lr 1e-3 left 456; l1 5e-3 gave L0 8.3, loss recovered 0.993; 2048
-        # features or l1 1e-2 lost more features. ~1.5 min of SAE steps + ~0.5 min of evals
-        # (LM passes over 128 x 128 val tokens) on 2 idle cores.
+        # features or l1 1e-2 lost more features. ~1.5 min of SAE steps on 2 idle cores. Evals
+        # at steps 600 and 1200 on 64 x 128 val tokens: 3 unembedding passes each (L_sae with
+        # the original logits for the KL, L_bdec) + 3 once (L_orig, L_zero, L_mean); 128
+        # contexts cost 425 s per first eval on the box at load ~35. The mean is over all
+        # ~300 k rows (9 s there, once); densities over the last 300 steps' rows (after the
+        # last resample: resolution 3e-6).
         sae=SaeConfig(n_features=1024, l1_coeff=5e-3, lr=3e-4, batch_size=1024, n_steps=1200,
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
-                      eval_contexts=128, checkpoint_interval=600, mean_rows=0,
+                      eval_contexts=64, checkpoint_interval=600, mean_rows=0,
                       density_window=307_200),
-        # Two trials: both run at once on 2 cores (a third would wait for a free CPU). On the
-        # 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 -> L0 11.1,
-        # 0.964; 1e-2 -> L0 6.5, 0.897.
+        # Three l1 values, all at once on 2 cores (0.66 CPU each; at 1 CPU the third would
+        # wait, then run on one of two idle cores). Step 600 of 1200, 128 eval contexts
+        # (2026-12-01): l1 2e-3 -> L0 10.4, loss recovered vs mean ablation 0.985 (vs zero
+        # 0.991), CE +0.016 nats, KL 0.017; 5e-3 -> L0 6.3, 0.928 (0.955), +0.079, 0.079.
         sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), pool_rows=65_536,
                           cpus_per_trial=0.66),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the
-        # default trial is the best loss_recovered with L0 <= 30.
+        # default trial is the best loss_recovered_mean with L0 <= 30.
         analysis=AnalysisConfig(target_l0=30.0),
     ),
     "paper": Config(
