@@ -7,7 +7,8 @@
 
 --trial: a trial name of <out>/sweep/<name>/trials.json or an SAE export dir; by default the
 sweep's best loss_recovered_mean (vs mean ablation) among trials with L0 <= --target_l0
-(else the best overall, with a note), or <out>/sae_single/sae without a sweep. Prints the index.html to open.
+(else the best overall, with a note), or <out>/sae_single/sae without a sweep. Prints the
+index.html to open.
 """
 
 import logging
