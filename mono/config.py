@@ -513,9 +513,10 @@ PRESETS: dict[str, Config] = {
                       eval_contexts=64, checkpoint_interval=600, mean_rows=0,
                       density_window=307_200),
         # Three l1 values, all at once on 2 cores (0.66 CPU each; at 1 CPU the third would
-        # wait, then run on one of two idle cores). Step 600 of 1200, 128 eval contexts
-        # (2026-12-01): l1 2e-3 -> L0 10.4, loss recovered vs mean ablation 0.985 (vs zero
-        # 0.991), CE +0.016 nats, KL 0.017; 5e-3 -> L0 6.3, 0.928 (0.955), +0.079, 0.079.
+        # wait, then run on one of two idle cores). On the 128-wide LM (2026-12-01): l1 2e-3
+        # -> L0 13.6, loss recovered vs mean ablation 0.997 (vs zero 0.998), CE +0.0038 nats,
+        # KL 0.0032; 5e-3 -> L0 11.2, 0.986 (0.990), +0.0167, 0.0141; 1.2e-2 -> L0 5.2,
+        # 0.939 (0.958), +0.0710, 0.0649 (README figures).
         sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), pool_rows=65_536,
                           cpus_per_trial=0.66),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
