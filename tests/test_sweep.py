@@ -44,7 +44,7 @@ def run_dir(ray_local, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sweep_run"))
     os.environ.setdefault("MONO_CACHE_DIR", os.path.join(out, "cache"))
     write_tokens(out)
-    # A few LM steps make the MLP matter (loss_zero > loss_orig): V = 50304 logits per token
+    # A few LM steps make the MLP matter (L_zero > L_orig): V = 50304 logits per token
     # make each step cost ~1 s on a loaded 2-core box.
     cfg = with_overrides(PRESETS["tiny"], out=out, acts={"max_actors": 1},
                          train_lm={"max_iters": 6, "batch_size": 2, "eval_interval": 6})
