@@ -80,8 +80,7 @@ logger = logging.getLogger(__name__)
 
 GPT2_VOCAB = 50257  # real ids; the LM pads V to 50304 (seed), padding rows never occur
 SAE_FILES = ("cfg.json", "sae.safetensors")
-HEADLINE = "loss_recovered_mean"
-"""The metric the default trial is chosen by: loss recovered against mean ablation."""
+HEADLINE = pages.HEADLINE  # the default trial is chosen by loss recovered vs mean ablation
 _KEYS = 7  # domain tag for the interval-sampling keys, np.random.default_rng([seed, 7, ...])
 
 

@@ -375,7 +375,8 @@ def dead_page(rows: list[dict], n_rows: int) -> str:
 # every value HTML-escaped; works from file:// offline. Local paths and URIs alike.
 
 HEADLINE = "loss_recovered_mean"
-"""The sweep's headline: loss recovered against mean ablation (train_sae docstring)."""
+"""The sweep's headline metric (train_sae docstring): loss recovered against mean ablation.
+The report, its Pareto front and the analysis's default trial (mono.features) use it."""
 SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metrics
     ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"), ("step", "steps", "{:,}"),
     ("l0", "L0", "{:.2f}"),
