@@ -145,7 +145,7 @@ _RESAMPLE, _SOURCE, _EVAL = 11, 12, 13
 EVAL_CHUNK_ELEMENTS = 2**25
 """Largest (tokens x F) block of feature activations one eval chunk holds (128 MB fp32)."""
 LOGIT_CHUNK_TOKENS = 1024
-"""Tokens whose (tokens, V) log-probabilities the KL computes at once (2 x 206 MB at V 50304)."""
+"""Tokens whose (tokens, V) logits the CE and KL compute at once (206 MB at V 50304)."""
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -298,6 +298,7 @@ class EvalSet:
             x = self.acts.flatten(0, 1).double()                                  # (N, H)
             self.var_total = float((x - x.mean(dim=0)).pow(2).sum())
         self.baseline: dict[str, float] | None = None
+        self._ref: tuple[Tensor, Tensor] | None = None
 
     def slices(self):
         return [slice(s, s + self.chunk) for s in range(0, len(self.acts), self.chunk)]
@@ -328,27 +329,56 @@ class EvalSet:
                                b["L_orig"], b["L_zero"], b["L_mean"])
         return self.baseline
 
-    def _logprobs(self, x: Tensor) -> Tensor:
-        """Final residual x (n, D) -> next-token log-probabilities (n, V) float32."""
-        return torch.log_softmax(self.lm.lm_head(self.lm.transformer.ln_f(x)).float(), dim=-1)
+    def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Final residual x (n, D) -> (ln_f(x) (n, D), next-token logits (n, V) float32)."""
+        h = self.lm.transformer.ln_f(x)
+        return h, self.lm.lm_head(h).float()
+
+    def _parts(self, sl: slice, acts: Tensor):
+        """(token slice, final residual (c, D)) of chunk `sl` with the MLP activation acts
+        (b, T, H), LOGIT_CHUNK_TOKENS tokens at a time (the (tokens, V) logits never exist
+        whole)."""
+        c_proj = self.lm.transformer.h[-1].mlp.c_proj
+        x = (self.resid[sl] + c_proj(acts)).flatten(0, 1)                          # (n, D)
+        for s in range(0, len(x), LOGIT_CHUNK_TOKENS):
+            yield slice(s, s + LOGIT_CHUNK_TOKENS), x[s:s + LOGIT_CHUNK_TOKENS]
+
+    def _reference(self) -> tuple[Tensor, Tensor]:
+        """What the KL needs of the original forward, per token (computed once, not kept
+        in checkpoints): pW = p @ W_U (B, T, D) and c = pW . ln_f(x) - logsumexp(z) (B, T),
+        float64, where z = W_U ln_f(x) are the original logits and p = softmax(z).
+
+        KL(p || q) = sum_v p_v (z_v - lse(z)) - sum_v p_v (z'_v - lse(z')) = c - pW . h' +
+        lse(z') for spliced logits z' = W_U h': an eval then needs only the spliced
+        logits' logsumexp, not the original (tokens, V) distribution again.
+        """
+        if self._ref is None:
+            W_U, pws, cs = self.lm.lm_head.weight.float(), [], []                 # (V, D)
+            for sl in self.slices():
+                for _, x in self._parts(sl, self.acts[sl]):
+                    h, z = self._head(x)                                           # (c, V)
+                    lse = torch.logsumexp(z, dim=1)                                # (c,)
+                    pw = (torch.softmax(z, dim=1) @ W_U).double()                  # (c, D)
+                    pws.append(pw)
+                    cs.append((pw * h.double()).sum(dim=1) - lse.double())
+            B, T = self.targets.shape
+            self._ref = torch.cat(pws).view(B, T, -1), torch.cat(cs).view(B, T)
+        return self._ref
 
     def _ce_kl(self, sl: slice, x_hat: Tensor) -> tuple[float, float]:
         """Sums over chunk `sl` of the next-token loss with the MLP activation replaced by
-        x_hat (b, T, H) and of KL(original || spliced) per token, LOGIT_CHUNK_TOKENS at a
-        time (the (tokens, V) log-probabilities never exist whole)."""
-        c_proj = self.lm.transformer.h[-1].mlp.c_proj
-        resid = self.resid[sl].flatten(0, 1)                                       # (n, D)
-        new = resid + c_proj(x_hat.flatten(0, 1))
-        orig = resid + c_proj(self.acts[sl].flatten(0, 1))
+        x_hat (b, T, H) and of KL(original || spliced) per token (`_reference`)."""
+        pw_all, c_all = (r[sl].flatten(0, 1) for r in self._reference())          # (n, D), (n,)
         targets = self.targets[sl].flatten()                                       # (n,)
         ce = kl = 0.0
-        for s in range(0, len(resid), LOGIT_CHUNK_TOKENS):
-            part = slice(s, s + LOGIT_CHUNK_TOKENS)
-            lq, lp = self._logprobs(new[part]), self._logprobs(orig[part])         # (c, V)
+        for part, x in self._parts(sl, x_hat):
+            h, z = self._head(x)                                                   # (c, V)
+            lse = torch.logsumexp(z, dim=1)                                        # (c,)
             t = targets[part]
             ok = t != -1
-            ce -= float(lq[ok].gather(1, t[ok, None]).double().sum())
-            kl += float((lp.exp() * (lp - lq)).sum(dim=1).double().sum())
+            ce += float((lse[ok] - z[ok].gather(1, t[ok, None]).squeeze(1)).double().sum())
+            kl += float((c_all[part] - (pw_all[part] * h.double()).sum(dim=1)
+                         + lse.double()).sum())
         return ce, kl
 
     @torch.inference_mode()
