@@ -502,11 +502,11 @@ PRESETS: dict[str, Config] = {
         # val 5.98): lr 3e-4 (the paper's) left 4 of 1024 features dead over the last 400
         # steps where lr 1e-3 left 456; l1 5e-3 gave L0 8.3, loss recovered 0.993; 2048
         # features or l1 1e-2 lost more features. ~1.5 min of SAE steps on 2 idle cores. Evals
-        # at steps 600 and 1200 on 64 x 128 val tokens: 3 unembedding passes each (L_sae with
-        # the original logits for the KL, L_bdec) + 3 once (L_orig, L_zero, L_mean); 128
-        # contexts cost 425 s per first eval on the box at load ~35. The mean is over all
-        # ~300 k rows (9 s there, once); densities over the last 300 steps' rows (after the
-        # last resample: resolution 3e-6).
+        # at steps 600 and 1200 on 64 x 128 val tokens: 2 unembedding passes each (L_sae and
+        # the KL, L_bdec) + 4 once (L_orig, L_zero, L_mean, the KL's reference); 128 contexts
+        # cost 425 s per first eval on the box at load ~35 (with an earlier, dearer KL). The
+        # mean is over all ~300 k rows (9 s there, once); densities over the last 300 steps'
+        # rows (after the last resample: resolution 3e-6).
         sae=SaeConfig(n_features=1024, l1_coeff=5e-3, lr=3e-4, batch_size=1024, n_steps=1200,
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,

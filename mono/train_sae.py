@@ -60,7 +60,9 @@ kept for comparison: this bias-free LM's MLP output carries a large input-indepe
 that b_dec reproduces, so against zero ablation an SAE with every feature silent already
 "recovers" ~1 (tiny run: 1.03); nll_score = 1 - loss_recovered (the seed's logged name:
 lower is better; its code comment says the inverse); ce_increase = L_sae - L_orig; kl =
-mean over eval tokens of KL(original || spliced) next-token distributions (nats).
+mean over eval tokens of KL(original || spliced) next-token distributions (nats), exact from
+the spliced logits' logsumexp and a per-token summary of the original distribution computed
+once (`EvalSet._reference`), so an eval costs two unembedding passes (L_sae + kl, L_bdec).
 Densities come from the training stream (mono.density): dead / ultralow / dense (features
 with density 0 / in (0, sae.ultralow_density) / above 1e-2) over the trailing
 `density_window` rows (window_rows of them: resolution 1 / rows), the same counts since the
