@@ -231,7 +231,17 @@ class SaeConfig:
     eval_interval: int = 1000
     """Steps between evaluations (and checkpoints)."""
     eval_contexts: int = 64
-    """Held-out validation contexts for the LM-loss metrics."""
+    """Held-out validation contexts for the LM-loss metrics: a random sample of the val
+    split seeded by the run's seed alone, so every trial of a sweep evaluates on the same."""
+    mean_rows: int = 1_048_576
+    """Training rows averaged for the mean-ablation baseline L_mean (0 = every row): the
+    first rows of the seeded training stream, computed once per activation dataset."""
+    density_window: int = 10_000_000
+    """Training rows of the trailing window the feature densities (and the dead / ultralow /
+    dense counts) are counted over: resolution 1 / rows (paper scale: ~1e-7)."""
+    ultralow_density: float = 1e-5
+    """Alive features below this training-stream density count as ultralow. Our cutoff, not
+    the paper's: its A/1 ultralow cluster sits below 1e-6."""
     checkpoint_interval: int = 5000
     """Steps between checkpoints (also written at each eval and at the end)."""
     report_interval: int = 200
@@ -252,8 +262,9 @@ class SaeConfig:
     def __post_init__(self):
         _positive(self, "n_features", "l1_coeff", "lr", "batch_size", "dead_window",
                   "resample_inputs", "geom_median_samples", "shuffle_buffer",
-                  "eval_interval", "eval_contexts", "checkpoint_interval")
-        _non_negative(self, "n_steps", "report_interval")
+                  "eval_interval", "eval_contexts", "checkpoint_interval", "density_window")
+        _non_negative(self, "n_steps", "report_interval", "mean_rows")
+        _fraction(self, "ultralow_density")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         if any(s <= 0 for s in self.resample_at) or list(self.resample_at) != sorted(
             set(self.resample_at)
@@ -320,8 +331,9 @@ class AnalysisConfig:
 
     trial: str = ""
     """Trial to analyse: a trial name of the sweep's trials.json, or a path to an SAE export
-    dir (cfg.json + sae.safetensors); '' = the sweep's best by loss_recovered among trials
-    with L0 <= target_l0, else <out>/sae_single/sae."""
+    dir (cfg.json + sae.safetensors); '' = the sweep's best by loss_recovered_mean (loss
+    recovered against mean ablation) among trials with L0 <= target_l0, else
+    <out>/sae_single/sae."""
     max_rows: int = 0
     """Activation rows scanned (0 = all): the first rows of every shard, in proportion
     (rows are shuffled within a shard, so that is a uniform sample of each)."""
@@ -340,8 +352,13 @@ class AnalysisConfig:
     """Bins of each feature's activation histogram, evenly spaced over (0, max]."""
     logit_tokens: int = 10
     """Tokens listed at each end of a feature's logit effects (seed, paper: 10)."""
+    logit_min_count: int = 10
+    """Tokens that occur fewer times than this in the training token shards are left out of
+    the logit-effect lists and their median (their embedding rows are barely trained and
+    otherwise lead the lists); 0 keeps every token."""
     ultralow_density: float = 1e-5
-    """Alive features below this density are 'ultralow' (the training metrics' cutoff)."""
+    """Alive features below this density over the rows scanned are 'ultralow' (our cutoff,
+    as sae.ultralow_density; the paper's A/1 ultralow cluster sits below 1e-6)."""
     dense_density: float = 1e-2
     """Features above this density are 'dense' (the training metrics' cutoff)."""
     seed_cutoff: float = 1e-3
@@ -356,7 +373,7 @@ class AnalysisConfig:
     def __post_init__(self):
         _positive(self, "top_k", "n_intervals", "samples_per_interval", "target_l0",
                   "hist_bins", "logit_tokens", "batch_rows")
-        _non_negative(self, "max_rows", "window", "n_tasks")
+        _non_negative(self, "max_rows", "window", "n_tasks", "logit_min_count")
         for name in ("ultralow_density", "dense_density", "seed_cutoff"):
             _fraction(self, name)
         if not self.ultralow_density < self.dense_density:
@@ -548,21 +565,27 @@ PRESETS: dict[str, Config] = {
         # resampling at 1/4, 1/2, 3/4 of the run. Tuned on a demo-shaped LM (328 k tokens,
         # val 5.98): lr 3e-4 (the paper's) left 4 of 1024 features dead over the last 400
         # steps where lr 1e-3 left 456; l1 5e-3 gave L0 8.3, loss recovered 0.993; 2048
-        # features or l1 1e-2 lost more features. ~1.5 min of SAE steps + ~0.5 min of evals
-        # (LM passes over 128 x 128 val tokens) on 2 idle cores.
+        # features or l1 1e-2 lost more features. ~1.5 min of SAE steps on 2 idle cores. Evals
+        # at steps 600 and 1200 on 64 x 128 val tokens: 2 unembedding passes each (L_sae and
+        # the KL, L_bdec) + 4 once (L_orig, L_zero, L_mean, the KL's reference); 128 contexts
+        # cost 425 s per first eval on the box at load ~35 (with an earlier, dearer KL). The
+        # mean is over all ~300 k rows (9 s there, once); densities over the last 300 steps'
+        # rows (after the last resample: resolution 3e-6).
         sae=SaeConfig(n_features=1024, l1_coeff=5e-3, lr=3e-4, batch_size=1024, n_steps=1200,
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
-                      eval_contexts=128, checkpoint_interval=600, report_interval=50),
-        # Two grid points, packed into one trial (sweep.pack 0: both fit in memory) that
-        # reads the stream once; its 2 CPUs give torch 2 threads for the members' steps. On
-        # the 128-wide LM (2026-11-27): l1 2e-3 -> L0 17.9, loss recovered 0.990; 5e-3 ->
-        # L0 11.1, 0.964; 1e-2 -> L0 6.5, 0.897.
-        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3), lr=(3e-4,), cpus_per_trial=2.0),
+                      eval_contexts=64, checkpoint_interval=600, report_interval=50, mean_rows=0,
+                      density_window=307_200),
+        # Three l1 values packed into one trial (sweep.pack 0: all fit in memory) that reads
+        # the stream once; its 2 CPUs give torch 2 threads for the members' steps. On the
+        # 128-wide LM (2026-12-01): l1 2e-3 -> L0 13.6, loss recovered vs mean ablation 0.997
+        # (vs zero 0.998); 5e-3 -> L0 11.2, 0.986 (0.990); 1.2e-2 -> L0 5.2, 0.939 (0.958)
+        # (README figures).
+        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), cpus_per_trial=2.0),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the
-        # default trial is the best loss_recovered with L0 <= 30.
+        # default trial is the best loss_recovered_mean with L0 <= 30.
         analysis=AnalysisConfig(target_l0=30.0),
     ),
     "paper": Config(

@@ -29,10 +29,14 @@ encode of the same rows is simpler and exact. Both passes read the same rows; sa
 are seeded per row group, so results do not depend on how row groups are spread over tasks.
 
 Logit effects (paper: d_i W_down pi L W_unembed): the decoder row W_dec[i] through c_proj,
-mean removal (pi, LayerNorm's centring), ln_f's gain divided by a typical residual scale
-(the median per-token std of the final residual over a few train contexts: LayerNorm as a
-linear map), then the tied unembedding; centred on the median over the 50257 GPT-2 ids;
-the top and bottom `logit_tokens`.
+ln_f linearised as its Jacobian averaged over every position of a few train contexts (pi,
+LayerNorm's centring, and L, its gain over each position's std, with the term along the
+normalised residual the paper's sketch drops), then the tied unembedding: the mean change
+of the logits when a small multiple of the direction is added to the MLP output (tests hold
+it to a finite difference through the LM). Tokens that occur fewer than
+`logit_min_count` times in the train token shards (`token_counts`, cached) are left out of
+the ranking and of the median it is centred on: their embedding rows are barely trained and
+otherwise lead the lists. The top and bottom `logit_tokens`.
 
 Context windows: +-`window` tokens around each example, clipped at the context's edges,
 from the token shards (each token file read once); decoded as one byte string per window
@@ -63,6 +67,7 @@ import ray
 import torch
 
 from mono import pages, reader, store
+from mono.acts import tokens_identity
 from mono.config import Config
 from mono.errors import MissingInput, UserError
 from mono.sae import SparseAutoencoder
@@ -76,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 GPT2_VOCAB = 50257  # real ids; the LM pads V to 50304 (seed), padding rows never occur
 SAE_FILES = ("cfg.json", "sae.safetensors")
+HEADLINE = pages.HEADLINE  # the default trial is chosen by loss recovered vs mean ablation
 _KEYS = 7  # domain tag for the interval-sampling keys, np.random.default_rng([seed, 7, ...])
 
 
@@ -94,18 +100,20 @@ def _metric(trial: dict, key: str):
 
 def best_trial(trials: list[dict], target_l0: float) -> tuple[dict, str]:
     """The finished trial (mono.sweep's trials.json entries: name, status, sae_dir,
-    metrics) with the highest loss_recovered among those with l0 <= target_l0; if none
-    qualifies, the best by loss_recovered overall. -> (trial, note for the user)."""
+    metrics) with the highest HEADLINE (loss_recovered_mean) among those with l0 <=
+    target_l0; if none qualifies, the best overall. -> (trial, note for the user)."""
     scored = [t for t in trials if t.get("status", "done") == "done"
-              and math.isfinite(_metric(t, "loss_recovered"))]
+              and math.isfinite(_metric(t, HEADLINE))]
     if not scored:
-        raise UserError(f"no trial in trials.json has a loss_recovered metric: "
-                        f"{[t.get('name') for t in trials]}")
+        raise UserError(f"no finished trial in trials.json has a {HEADLINE} metric (trials "
+                        f"of an older mono report only loss_recovered: rerun the sweep "
+                        f"under a new --sweep.name): {[t.get('name') for t in trials]}")
     within = [t for t in scored if _metric(t, "l0") <= target_l0]
-    best = max(within or scored, key=lambda t: _metric(t, "loss_recovered"))
-    note = (f"best of {len(within)} trial(s) with L0 <= {target_l0:g}" if within else
-            f"no trial has L0 <= {target_l0:g} (lowest {min(_metric(t, 'l0') for t in scored):.3g})"
-            f"; taking the best loss_recovered overall")
+    best = max(within or scored, key=lambda t: _metric(t, HEADLINE))
+    note = (f"best {HEADLINE} of {len(within)} trial(s) with L0 <= {target_l0:g}" if within
+            else f"no trial has L0 <= {target_l0:g} (lowest "
+                 f"{min(_metric(t, 'l0') for t in scored):.3g}); taking the best {HEADLINE} "
+                 f"overall")
     return best, note
 
 
@@ -375,33 +383,72 @@ def _scan_all(cfg: Config, groups: list, shards: dict, sae_ref, params: dict, me
 # --- logit effects -----------------------------------------------------------------------
 
 
+def token_counts(out: str) -> np.ndarray:
+    """(GPT2_VOCAB,) int64 occurrences of every token id in the train token shards, cached
+    in <out>/analysis/token_counts.json keyed by the token manifest's identity."""
+    identity = tokens_identity(store.tokens_manifest(out))
+    path = store.Layout(out).token_counts
+    if store.exists(path):
+        cached = store.read_json(path)
+        if cached.get("tokens_sha256") == identity:
+            return np.asarray(cached["counts"], dtype=np.int64)
+    counts = np.zeros(GPT2_VOCAB, dtype=np.int64)
+    for f in store.token_files(out, "train"):
+        _, toks = store.table_tokens(store.read_table(f))                    # (n, T)
+        counts += np.bincount(toks.ravel(), minlength=GPT2_VOCAB)[:GPT2_VOCAB]
+    store.write_json(path, {"tokens_sha256": identity, "counts": counts.tolist()})
+    return counts
+
+
 @torch.no_grad()
-def residual_scale(lm, tokens: np.ndarray) -> float:
-    """Median over tokens of the final residual's std across D (what ln_f divides by):
-    tokens (n, T) -> float."""
+def final_residual(lm, tokens: np.ndarray) -> torch.Tensor:
+    """The residual entering ln_f at every position of tokens (n, T) -> (n*T, D)."""
     site = lm.mlp_site(torch.from_numpy(tokens.astype(np.int64)))
     x = site.resid + lm.transformer.h[-1].mlp.c_proj(site.acts)              # (n, T, D)
-    return float(x.std(dim=-1, unbiased=False).median())
+    return x.flatten(0, 1)
 
 
 @torch.no_grad()
-def logit_effects(lm, W_dec: torch.Tensor, scale: float, n: int, chunk: int = 256):
-    """Each feature's direct effect on the logits, LayerNorm linearised (module doc).
+def ln_jacobian(lm, resid: torch.Tensor) -> torch.Tensor:
+    """(D, D) Jacobian of ln_f averaged over the residuals resid (N, D): J[i, j] = mean over
+    positions of d ln_f(x)_i / d x_j = g_i mean_p [(delta_ij - 1/D - xn_i xn_j / D) / s_p]
+    (s_p = sqrt(var_p + eps), xn = (x - mean) / s_p): LayerNorm's centring, its 1/std and
+    gain, and the term along the normalised residual the paper's linearisation drops."""
+    ln_f = lm.transformer.ln_f
+    x = resid.double()
+    D = x.shape[1]
+    xc = x - x.mean(dim=1, keepdim=True)                                     # (N, D)
+    inv = (xc.pow(2).mean(dim=1, keepdim=True) + ln_f.eps).rsqrt()           # (N, 1)
+    xn = xc * inv
+    centre = torch.eye(D, dtype=x.dtype) - 1.0 / D                           # (D, D)
+    jac = inv.mean() * centre - (xn * inv).T @ xn / (len(x) * D)             # (D, D)
+    return (ln_f.weight.double()[:, None] * jac).to(resid.dtype)
 
-    W_dec (F, H) -> (top ids (F, n), top values, bottom ids (F, n), bottom values), values
-    relative to the median over the GPT-2 vocabulary.
+
+@torch.no_grad()
+def logit_effects(lm, W_dec: torch.Tensor, jac: torch.Tensor, n: int,
+                  keep: np.ndarray | None = None, chunk: int = 256):
+    """Each feature's direct effect on the logits (module doc), LayerNorm linearised by its
+    mean Jacobian `jac` (D, D) (`ln_jacobian`).
+
+    W_dec (F, H); keep: the token ids to rank (default: the 50257 GPT-2 ids) -> (top ids
+    (F, n), top values, bottom ids (F, n), bottom values), values relative to the median
+    over the kept ids.
     """
+    keep = torch.arange(GPT2_VOCAB) if keep is None else torch.as_tensor(keep)
+    if len(keep) < n:
+        raise ValueError(f"only {len(keep)} tokens left for the logit effects, fewer than "
+                         f"analysis.logit_tokens={n}: lower analysis.logit_min_count")
     W_down = lm.transformer.h[-1].mlp.c_proj.weight                          # (D, H)
-    gain = lm.transformer.ln_f.weight / scale                                # (D,)
-    W_U = lm.lm_head.weight[:GPT2_VOCAB]                                     # (V, D)
+    W_U = lm.lm_head.weight[keep]                                            # (V', D)
     out = [[], [], [], []]
     for d in W_dec.split(chunk):
-        u = d @ W_down.T                                                     # (c, D)
-        u = (u - u.mean(dim=1, keepdim=True)) * gain                         # pi, then L
-        logits = u @ W_U.T                                                   # (c, V)
+        u = d @ W_down.T @ jac.T                                             # (c, D) pi, L
+        logits = u @ W_U.T                                                   # (c, V')
         logits -= logits.median(dim=1, keepdim=True).values
         top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-        for lst, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values)):
+        for lst, t in zip(out, (keep[top.indices], top.values, keep[bottom.indices],
+                                bottom.values)):
             lst.append(t)
     return tuple(torch.cat(t).numpy() for t in out)
 
@@ -552,8 +599,8 @@ def run(cfg: Config) -> dict:
                       IntervalStats(max_act, a.n_intervals, a.samples_per_interval,
                                     a.hist_bins))
     t2 = time.perf_counter()
-    table, scale = feature_table(cfg, lm, sae, top, inter)
-    examples = examples_json(cfg, top, inter) | {"residual_scale": scale}
+    table, logit = feature_table(cfg, lm, sae, top, inter)
+    examples = examples_json(cfg, top, inter) | {"logit": logit}
     t3 = time.perf_counter()
     adir = store.Layout(cfg.out).analysis(trial)
     classes = Counter(table.column("density_class").to_pylist())
@@ -561,7 +608,7 @@ def run(cfg: Config) -> dict:
                "rows_available": int(sum(shards["rows"])), "n_features": sae.n_features,
                "l0": float(top.count.sum()) / max(top.rows, 1),
                "classes": {c: classes.get(c, 0) for c in ("dead", "ultralow", "low", "dense")},
-               "analysis": dataclasses.asdict(a), "tasks": len(groups),
+               "logit": logit, "analysis": dataclasses.asdict(a), "tasks": len(groups),
                "seconds": {"setup": t_scan - t0, "pass_top": t1 - t_scan,
                            "pass_intervals": t2 - t1, "tables": t3 - t2}}
     store.write_table_atomic(store.join(adir, "features.parquet"), table)
@@ -610,12 +657,17 @@ def examples_json(cfg: Config, top: TopStats, inter: IntervalStats) -> dict:
 
 def feature_table(cfg: Config, lm, sae: SparseAutoencoder, top: TopStats,
                   inter: IntervalStats) -> tuple[pa.Table, float]:
-    """features.parquet (module doc) and the residual scale the logit effects used."""
-    F, enc = sae.n_features, gpt2()
+    """features.parquet (module doc) and what the logit effects used: {"positions" (the
+    Jacobian's), "min_count", "excluded" (rare tokens left out), "vocab"}."""
+    F, enc, a = sae.n_features, gpt2(), cfg.analysis
     n_ctx = int(store.tokens_manifest(cfg.out)["splits"]["train"]["rows"])
-    scale = residual_scale(lm, store.read_context(cfg.out, np.arange(min(16, n_ctx))))
-    top_ids, top_val, bot_ids, bot_val = logit_effects(lm, sae.W_dec.detach(), scale,
-                                                       cfg.analysis.logit_tokens)
+    resid = final_residual(lm, store.read_context(cfg.out, np.arange(min(16, n_ctx))))
+    keep = np.flatnonzero(token_counts(cfg.out) >= a.logit_min_count)
+    top_ids, top_val, bot_ids, bot_val = logit_effects(lm, sae.W_dec.detach(),
+                                                       ln_jacobian(lm, resid),
+                                                       a.logit_tokens, keep)
+    logit = {"positions": len(resid), "min_count": a.logit_min_count,
+             "excluded": GPT2_VOCAB - len(keep), "vocab": GPT2_VOCAB}
     count = top.count.numpy()
     density = count / max(top.rows, 1)
     mean = np.where(count > 0, top.total.numpy() / np.maximum(count, 1), 0.0)
@@ -643,4 +695,4 @@ def feature_table(cfg: Config, lm, sae: SparseAutoencoder, top: TopStats,
         "logit_bottom": texts(bot_ids),
         "logit_bottom_values": pa.array(list(bot_val), pa.list_(pa.float32())),
     })
-    return table, scale
+    return table, logit

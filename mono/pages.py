@@ -307,8 +307,13 @@ def feature_page(row: dict, feat: dict, n_features: int, meta: dict, extra: str 
             f'<p>density {row["density"]:.3g} ({row["count"]:,} of {meta["rows"]:,} rows), '
             f'max activation {max_act:.4g}, mean when active {row["mean_act"]:.4g}</p>'
             + extra)
+    logit = meta.get("logit") or {}
+    left_out = (f'; {logit["excluded"]:,} of the {logit["vocab"]:,} tokens, those occurring '
+                f'fewer than {logit["min_count"]:,} times in the training tokens, left out'
+                if logit else "")
     logits = ('<h2>Logit effects</h2><p class="muted">decoder direction through c_proj, '
-              'linearised ln_f and the unembedding; relative to the median token</p>'
+              'ln_f (its Jacobian averaged over training positions) and the unembedding; '
+              f'relative to the median of the tokens ranked{esc(left_out)}</p>'
               '<div class="cols"><div>' + _logit_table(row["logit_top"],
                                                       row["logit_top_values"], "+")
               + '</div><div>' + _logit_table(row["logit_bottom"], row["logit_bottom_values"],
@@ -373,16 +378,22 @@ def dead_page(rows: list[dict], n_rows: int) -> str:
 # overlaid) + pareto.png + density.png. Self-contained: inline CSS, relative image links,
 # every value HTML-escaped; works from file:// offline. Local paths and URIs alike.
 
+HEADLINE = "loss_recovered_mean"
+"""The sweep's headline metric (train_sae docstring): loss recovered against mean ablation.
+The report, its Pareto front and the analysis's default trial (mono.features) use it."""
 SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metrics
     ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"),
     ("n_features", "features", "{:,}"), ("step", "steps", "{:,}"),
-    ("l0", "L0", "{:.2f}"), ("mse", "MSE", "{:.4g}"),
-    ("explained_variance", "explained var", "{:.3f}"),
-    ("loss_recovered", "loss recovered", "{:.3f}"),
-    # dead in the paper's sense: no firing on the training rows since the previous eval;
-    # the eval counts resolve densities only down to 1 / eval tokens (train_sae docstring)
-    ("dead_train", "dead (training)", "{:,}"), ("dead", "dead (eval)", "{:,}"),
-    ("ultralow", "ultralow (eval)", "{:,}"), ("dense", "dense (eval)", "{:,}"),
+    ("l0", "L0", "{:.2f}"),
+    (HEADLINE, "loss recovered vs mean ablation", "{:.3f}"),
+    ("loss_recovered", "vs zero ablation (paper)", "{:.3f}"),
+    ("ce_increase", "CE increase (nats)", "{:.4f}"), ("kl", "KL (nats/token)", "{:.4f}"),
+    ("explained_variance", "explained var", "{:.3f}"), ("mse", "MSE", "{:.4g}"),
+    # counted over the trailing window of training rows (resolution 1 / rows); the eval
+    # tokens resolve densities only down to 1 / eval tokens (train_sae docstring)
+    ("dead", "dead", "{:,}"), ("ultralow", "ultralow", "{:,}"), ("dense", "dense", "{:,}"),
+    ("window_rows", "over training rows", "{:,}"),
+    ("dead_eval", "dead (eval tokens)", "{:,}"),
 )
 
 _SWEEP_CSS = """
@@ -408,7 +419,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """For (l0, loss_recovered) points: True where no other point has L0 <= and loss
+    """For (l0, loss recovered) points: True where no other point has L0 <= and loss
     recovered >= with one of them strict (lower L0 and higher loss recovered are better)."""
     return [not any(l0b <= l0a and rb >= ra and (l0b, rb) != (l0a, ra) for l0b, rb in points)
             for l0a, ra in points]
@@ -422,7 +433,7 @@ def _scatter_png(done: list[dict], front: list[bool]) -> bytes:
     FigureCanvasAgg(fig)  # Agg without pyplot: no global state, no display
     ax = fig.add_subplot()
     l0 = np.array([_value(t, "l0") for t in done], dtype=float)
-    rec = np.array([_value(t, "loss_recovered") for t in done], dtype=float)
+    rec = np.array([_value(t, HEADLINE) for t in done], dtype=float)
     on = np.array(front, dtype=bool)
     ax.scatter(l0[~on], rec[~on], color="tab:blue", label="trial")
     order = np.argsort(l0[on])
@@ -433,8 +444,9 @@ def _scatter_png(done: list[dict], front: list[bool]) -> bytes:
     if len(l0) and l0.min() > 0 and l0.max() / l0.min() > 20:
         ax.set_xscale("log")
     ax.set_xlabel("L0 (mean active features per token)")
-    ax.set_ylabel("loss recovered")
-    ax.set_title("L0 vs loss recovered (up and left is better)", fontsize=10)
+    ax.set_ylabel("loss recovered vs mean ablation")
+    ax.set_title("L0 vs loss recovered against mean ablation (up and left is better)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -456,9 +468,9 @@ def _density_png(curves: list[tuple[str, np.ndarray]]) -> bytes:
     for (label, d), a in zip(curves, alive):
         ax.hist(a, bins=bins, histtype="step", linewidth=1.4,
                 label=f"{label} ({int((d == 0).sum())} dead)")
-    for x in (-5, -2):  # ultralow (< 1e-5) and dense (> 1e-2), the paper's thresholds
+    for x in (-5, -2):  # ultralow (< 1e-5, our default cutoff) and dense (> 1e-2, paper)
         ax.axvline(x, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("log10 feature density (eval tokens with f > 0; dead features not shown)")
+    ax.set_xlabel("log10 feature density (trailing training rows with f > 0; dead not shown)")
     ax.set_ylabel("features")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -493,8 +505,8 @@ def write_sweep_report(experiment: str) -> str:
     trials = index["trials"]
     out = store.join(experiment, "report")
     done = [t for t in trials if t["status"] == "done"
-            and all(_value(t, k) is not None for k in ("l0", "loss_recovered"))]
-    flags = pareto_front([(_value(t, "l0"), _value(t, "loss_recovered")) for t in done])
+            and all(_value(t, k) is not None for k in ("l0", HEADLINE))]
+    flags = pareto_front([(_value(t, "l0"), _value(t, HEADLINE)) for t in done])
     front = {t["name"]: f for t, f in zip(done, flags)}
     figures = ""
     if done:
@@ -506,10 +518,10 @@ def write_sweep_report(experiment: str) -> str:
                 curves.append((f"l1 {t['l1_coeff']:.2g}, lr {t['lr']:.2g}",
                                np.load(io.BytesIO(store.read_bytes(path)))))
         store.write_bytes_atomic(store.join(out, "density.png"), _density_png(curves))
-        figures = ('<h2>L0 vs loss recovered</h2><img src="pareto.png" alt="L0 vs loss '
-                   'recovered scatter, Pareto front in red">'
-                   '<h2>Feature density</h2><img src="density.png" alt="log10 feature '
-                   'density histograms, one per trial">')
+        figures = ('<h2>L0 vs loss recovered against mean ablation</h2><img src="pareto.png" '
+                   'alt="L0 vs loss recovered scatter, Pareto front in red">'
+                   '<h2>Feature density over the training rows</h2><img src="density.png" '
+                   'alt="log10 feature density histograms, one per trial">')
     counts = {s: sum(t["status"] == s for t in trials) for s in ("done", "error", "unfinished")}
     heads = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in SWEEP_COLUMNS)
     body = (
@@ -517,11 +529,19 @@ def write_sweep_report(experiment: str) -> str:
         f'<p class="note">Experiment <code>{html.escape(experiment)}</code>: {len(trials)} '
         f"trials, {counts['done']} done, {counts['error']} errored, {counts['unfinished']} "
         f"unfinished. Final eval metrics of each trial (the last report for those not done); "
-        f"&#9733; = on the Pareto front of L0 (lower is better) vs loss recovered (higher is "
-        f"better). Loss recovered = (L_zero - L_sae) / (L_zero - L_orig). Dead (training): "
-        f"features that fired on no training row since the previous eval (the paper's sense); "
-        f"the eval columns count densities on the eval tokens, which resolve only down to "
-        f"1 / eval tokens.</p>"
+        f"&#9733; = on the Pareto front of L0 (lower is better) vs loss recovered against "
+        f"mean ablation (higher is better). Losses are next-token cross-entropies on the "
+        f"eval tokens with the MLP activation as is (L_orig), replaced by its mean over "
+        f"training rows (L_mean), zeroed (L_zero) or replaced by the SAE's reconstruction "
+        f"(L_sae). Headline: loss recovered vs mean ablation = (L_mean - L_sae) / (L_mean - "
+        f"L_orig). Vs zero ablation = (L_zero - L_sae) / (L_zero - L_orig), the paper's "
+        f"definition (79% at A/1): this LM's MLP output has a large input-independent part "
+        f"that b_dec alone reproduces, so it flatters every trial. CE increase = L_sae - "
+        f"L_orig; KL = mean KL(original || spliced) next-token distribution per token. Dead "
+        f"/ ultralow (density below the SAE's ultralow_density, 1e-5 by default: our cutoff; "
+        f"the paper's A/1 ultralow cluster sits below 1e-6) / dense (above 1e-2): counted "
+        f"over the trailing window of training rows shown (resolution 1 / rows); dead (eval "
+        f"tokens) resolves only 1 / eval tokens.</p>"
         f'<table><tr><th class="l">trial (link: its sae/ export)</th><th class="l">status</th>'
         f'{heads}<th>Pareto</th></tr>{_trial_rows(trials, front, experiment)}</table>'
         f"{figures}")

@@ -158,6 +158,16 @@ class Layout:
         return join(self.out, "acts", "manifest.json")
 
     @property
+    def acts_mean(self) -> str:
+        """The training rows' mean activation (train_sae's mean-ablation baseline), cached."""
+        return join(self.out, "acts", "mean.json")
+
+    @property
+    def token_counts(self) -> str:
+        """Occurrences of every token id in the train split (features' logit effects), cached."""
+        return join(self.out, "analysis", "token_counts.json")
+
+    @property
     def sweep(self) -> str:
         return join(self.out, "sweep")
 

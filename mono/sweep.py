@@ -27,7 +27,7 @@ report, dead fraction) and at every checkpoint (evals, checkpoint_interval, the 
 metric). `timesteps_total` is the SAE step, so TensorBoard and W&B plot against it; Tune's
 metric is HEADLINE (mode max), and every row carries the last eval's metrics (`eval_step`
 says which eval), so Tune's status table shows l1_coeff, lr, step, L0, loss recovered and
-dead throughout. Rows hold scalars only: the eval's log10 feature densities (F,) reach
+dead throughout. Rows hold scalars only: the log10 training-window densities (F,) reach
 TensorBoard as a histogram that `DensityHistograms` writes on the driver from each eval
 checkpoint's density.npy. A retry repeats the reports between its checkpoint and the
 crash (same timesteps_total), and Tune restores the trial's result.json from its last sync
@@ -87,9 +87,9 @@ PUBLISHED = (train_sae.METRICS, train_sae.HISTORY, train_sae.DENSITY_PNG)
 """Files of a finished trial's workdir copied next to its sae/ (plus density.npy)."""
 DENSITY_FLOOR = -10.0
 """log10 density written for features that never fired (TensorBoard histograms)."""
-HEADLINE, FALLBACK = "loss_recovered_mean", "loss_recovered"
+HEADLINE = pages.HEADLINE
 """Tune's metric (mode max): loss recovered against mean ablation (DESIGN.md: the sweep's
-headline); the paper's zero-ablation figure stands in where train_sae lacks the first."""
+headline)."""
 DEFAULT_GPU_BYTES = 24 * 2**30
 """GPU memory assumed by `pack_size` when the driver sees no GPU: cluster.yaml's g5 nodes
 (NVIDIA A10G, 24 GiB)."""
@@ -277,21 +277,8 @@ def pack_result(members: dict[str, dict], step: int) -> dict:
 
 
 def headline(metrics: dict) -> float:
-    """The sweep's headline from an eval's metrics: HEADLINE (loss recovered against mean
-    ablation), else FALLBACK (the paper's zero-ablation figure) while train_sae does not
-    compute it yet; NaN before the first eval."""
-    if HEADLINE in metrics:
-        return metrics[HEADLINE]
-    if FALLBACK in metrics:
-        if not _fallback_warned:
-            _fallback_warned.append(True)
-            logger.warning("sweep: train_sae reports no %s; Tune ranks trials by %s instead "
-                           "(reported under %s)", HEADLINE, FALLBACK, HEADLINE)
-        return metrics[FALLBACK]
-    return float("nan")
-
-
-_fallback_warned: list = []
+    """The sweep's headline from an eval's metrics; NaN before the first eval."""
+    return metrics.get(HEADLINE, float("nan"))
 
 
 def trial_result(result: dict, last_eval: dict) -> dict:
@@ -331,7 +318,7 @@ def _setup_s(metrics: dict, start: int, elapsed: float, batch_size: int) -> floa
 
 
 def log10_density(density: np.ndarray) -> np.ndarray:
-    """(F,) float32 log10 of eval densities (F,) (never-fired features at DENSITY_FLOOR)."""
+    """(F,) float32 log10 of training-window densities (F,) (never fired: DENSITY_FLOOR)."""
     with np.errstate(divide="ignore"):
         return np.maximum(np.log10(density), DENSITY_FLOOR).astype(np.float32)
 

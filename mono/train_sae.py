@@ -1,19 +1,21 @@
 """Stage 4: train one sparse autoencoder on the activation shards; eval, checkpoints, export.
 
 Reads <out>/acts (manifest + Parquet shards), <out>/tokens/val (the eval contexts) and
-<out>/lm (the LM the eval splices the SAE into). Writes under `workdir`, a local directory:
+<out>/lm (the LM the eval splices the SAE into). Writes <out>/acts/mean.json once per
+activation dataset (`acts_mean`: the training rows' mean activation, cached), and under
+`workdir`, a local directory:
 
     checkpoint/     the latest checkpoint, replaced atomically (written to a temporary dir,
                     then renamed): sae.safetensors, trainer.safetensors (FeatureAdam moments
                     and per-feature step counts, the fired mask), state.json (step, reader
                     position, resampling RNG, metrics history, cached eval baselines, what
-                    the run trained on; the firing masks sit in trainer.safetensors as
-                    run.since_eval / run.window), density.npy (eval densities (F,) of the
-                    last eval)
+                    the run trained on; the fire counts (mono.density) and the dead-window
+                    mask sit in trainer.safetensors as run.fires.* / run.window),
+                    density.npy (training-window densities (F,) of the last eval)
     sae/            the export: cfg.json + sae.safetensors, and sae_lens/ (cfg.json +
                     sae_weights.safetensors) in SAELens's on-disk format
     metrics.json    the final metrics; history.json every eval's
-    density.png     log10 feature-density histogram of the last eval
+    density.png     log10 training-window feature-density histogram of the last eval
 
 Training (paper; DESIGN.md "SAE"): `Trainer` steps (Adam with per-feature step counts,
 decoder gradient projection, renormalisation every step) on batches that `ActsReader`
@@ -40,32 +42,43 @@ draw per step seeded by (seed, step) and shared by every trial. Right after a re
 reconstructions spike (the new encoder rows fire hard on outlier inputs: the paper's "loss
 spikes"); they settle within ~100 steps.
 
-Eval, every `eval_interval` steps and at the end, on a fixed held-out set: the first
-`eval_contexts` contexts of the val token split, every one of their T positions. One LM pass
-caches the residual entering the MLP and the MLP activations (float32 on the device:
-eval_contexts x T x (D + H) x 4 bytes, 168 MB for the paper preset); each eval encodes them
-and finishes the LM forward from x_hat, under inference_mode. The original and
-MLP-zero-ablated losses do not change, so they are computed once and kept in the
-checkpoint. Next-token targets as in train_lm: row r's last target is row r+1's first token.
+Eval, every `eval_interval` steps and at the end, on a fixed held-out set: `eval_contexts`
+contexts of the val token split drawn without replacement by a generator seeded by the
+run's seed alone (`eval_contexts()`: the same for every trial of a sweep, not the corpus's
+first documents), every one of their T positions. One LM pass caches the residual entering
+the MLP and the MLP activations (float32 on the device: eval_contexts x T x (D + H) x 4
+bytes, 168 MB for the paper preset); each eval encodes them and finishes the LM forward from
+x_hat, under inference_mode (no autograd graphs). The baselines do not change, so they are
+computed once and kept in the checkpoint. Next-token targets as in train_lm: a context's
+last target is the first token of the next context of the val stream (-1 if not held).
 
 Metrics (one flat dict per eval, JSON-ready): step, examples (step x batch_size), l0 (mean
 active features per token), mse (mean over elements, the training normalisation), l1 (mean
 over tokens of sum_F f), loss (mse + l1_coeff * l1), explained_variance
-(1 - sum |x - x_hat|^2 / sum |x - mean x|^2), loss_orig, loss_zero, loss_sae (mean next-token
-cross-entropy, nats), loss_recovered = (loss_zero - loss_sae) / (loss_zero - loss_orig),
-nll_score = 1 - loss_recovered (the seed's logged name: lower is better; its code comment
-says the inverse), dead / ultralow / dense (features with eval density 0 / in (0, 1e-5) /
-above 1e-2; the paper's thresholds), dead_train (features that fired on no training batch
-since the previous eval: eval_interval x batch_size rows, the paper's sense of dead; a
-resample in between counts its new features' firing), n_resampled (total), samples_per_s
-(training only),
-plus eval_tokens, train_loss / train_mse / train_l0 (means over the steps since the last
-eval) and wall_s. Densities resolve only down to 1 / eval_tokens: with fewer than 1e5 eval
-tokens, ultralow is 0 by construction (the seed's 1e5-token evals had the same blind spot).
+(1 - sum |x - x_hat|^2 / sum |x - mean x|^2); mean next-token cross-entropies in nats with
+the MLP activation as is (L_orig), zeroed (L_zero), replaced by its mean over training rows
+(L_mean, `acts_mean`), by b_dec alone (L_bdec: every feature silent) and by x_hat (L_sae);
+loss_recovered_mean = (L_mean - L_sae) / (L_mean - L_orig), the sweep's HEADLINE;
+loss_recovered = (L_zero - L_sae) / (L_zero - L_orig), the paper's definition (79% at A/1),
+kept for comparison: this bias-free LM's MLP output carries a large input-independent part
+that b_dec reproduces, so against zero ablation an SAE with every feature silent already
+"recovers" ~1 (tiny run: 1.03); nll_score = 1 - loss_recovered (the seed's logged name:
+lower is better; its code comment says the inverse); ce_increase = L_sae - L_orig; kl =
+mean over eval tokens of KL(original || spliced) next-token distributions (nats), exact from
+the spliced logits' logsumexp and a per-token summary of the original distribution computed
+once (`EvalSet._reference`), so an eval costs two unembedding passes (L_sae + kl, L_bdec).
+Densities come from the training stream (mono.density): dead / ultralow / dense (features
+with density 0 / in (0, sae.ultralow_density) / above 1e-2) over the trailing
+`density_window` rows (window_rows of them: resolution 1 / rows), the same counts since the
+previous eval (*_since_eval, since_eval_rows: eval_interval x batch_size rows; a resample in
+between counts its new features' firing) and, secondary, on the eval tokens (*_eval,
+eval_tokens: resolution 1 / eval tokens, so ultralow_eval is 0 by construction below 1e5
+tokens); n_resampled (total), samples_per_s (training only), train_loss / train_mse /
+train_l0 (means over the steps since the last eval), eval_s and wall_s.
 
 Resume: `train` continues from `resume_from`, or from workdir/checkpoint when it exists. The
 checkpoint holds everything the loop depends on (weights, Adam state, reader position,
-resampling RNG, the firing masks), so N steps straight and N/2 + resume + N/2 give
+resampling RNG, the fire counts and masks), so N steps straight and N/2 + resume + N/2 give
 bit-identical weights (tests/test_train_sae.py, across resamplings). Checkpoints are written
 at every eval, every `checkpoint_interval` steps, after every resample and at the end. A checkpoint
 from another dictionary size, input width, SAE setting or activation dataset is refused.
@@ -115,6 +128,8 @@ from tqdm import tqdm
 from mono import store
 from mono.acts import IDENTITY_KEYS, lm_checksum
 from mono.config import Config, SaeConfig
+from mono.density import DENSE, FireCounts, block_steps
+from mono.density import counts as density_counts
 from mono.errors import UserError
 from mono.lm import Lm
 from mono.reader import ActsReader, LocalShardSource, check_shards, local_shards, shard_list
@@ -128,15 +143,16 @@ CHECKPOINT, EXPORT, SAE_LENS = "checkpoint", "sae", "sae_lens"
 SAE_WEIGHTS, TRAINER_STATE, STATE, DENSITY = (
     "sae.safetensors", "trainer.safetensors", "state.json", "density.npy")
 METRICS, HISTORY, DENSITY_PNG = "metrics.json", "history.json", "density.png"
-ULTRALOW, DENSE = 1e-5, 1e-2
-"""Eval-density thresholds of the ultralow and dense counts (paper, seed)."""
+CHECKPOINT_FORMAT = "mono.sae_checkpoint/2"
 # SaeConfig fields a resume may change; any other difference means another experiment.
 RESUMABLE_CHANGES = ("n_steps", "eval_interval", "checkpoint_interval", "report_interval",
-                     "device")
+                     "device", "ultralow_density")
 # Domain tags for np.random.default_rng([seed, tag, ...]): unrelated streams.
-_RESAMPLE, _SOURCE = 11, 12
+_RESAMPLE, _SOURCE, _EVAL = 11, 12, 13
 EVAL_CHUNK_ELEMENTS = 2**25
 """Largest (tokens x F) block of feature activations one eval chunk holds (128 MB fp32)."""
+LOGIT_CHUNK_TOKENS = 1024
+"""Tokens whose (tokens, V) logits the CE and KL compute at once (206 MB at V 50304)."""
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -152,7 +168,8 @@ def acts_checksum(manifest: dict) -> str:
 def check_inputs(cfg: Config) -> dict:
     """Validate the shards (manifest, footers), the LM and the val split before training
     (UserError naming the file or value): returns
-    {H, rows, acts_sha256, lm_sha256, ctx_len, manifest}."""
+    {H, rows, acts_sha256, lm_sha256, ctx_len, manifest, mean} (mean: `acts_mean`, computed
+    here once per dataset)."""
     manifest = store.acts_manifest(cfg.out)
     H, where = manifest["H"], store.Layout(cfg.out).acts_manifest
     if H != cfg.lm.d_mlp:
@@ -172,8 +189,9 @@ def check_inputs(cfg: Config) -> dict:
     if tm["splits"]["val"]["rows"] == 0:
         raise UserError(f"no val contexts in {store.Layout(cfg.out).tokens('val')}: the eval "
                         f"needs held-out contexts (raise tokens.val_fraction)")
-    return {"H": H, "rows": rows, "acts_sha256": acts_checksum(manifest), "lm_sha256": lm_sha,
-            "ctx_len": tm["ctx_len"], "manifest": manifest}
+    inputs = {"H": H, "rows": rows, "acts_sha256": acts_checksum(manifest), "lm_sha256": lm_sha,
+              "ctx_len": tm["ctx_len"], "manifest": manifest}
+    return inputs | {"mean": acts_mean(cfg, inputs)}
 
 
 def plan_steps(sc: SaeConfig, rows: int) -> tuple[int, int]:
@@ -245,11 +263,53 @@ class _SeededSource:
 # --- eval ------------------------------------------------------------------------------
 
 
+def eval_contexts(seed: int, n_val: int, n: int) -> np.ndarray:
+    """The eval set's val context ids: n of n_val drawn without replacement by a generator
+    seeded by the run's seed alone (so every trial of a sweep gets the same), sorted."""
+    rng = np.random.default_rng([seed, _EVAL])
+    return np.sort(rng.choice(n_val, size=n, replace=False)).astype(np.int64)
+
+
+def acts_mean(cfg: Config, inputs: dict) -> np.ndarray:
+    """(H,) float64 mean MLP activation over the first sae.mean_rows rows (0 = all) of the
+    training stream (seeded as training), for the mean-ablation baseline L_mean.
+
+    Computed once per activation dataset and cached in <out>/acts/mean.json, keyed by what
+    defines it (dataset, rows, seed, shuffle buffer): a sweep's driver computes it in
+    check_inputs, its trials read it.
+    """
+    rows = min(cfg.sae.mean_rows or inputs["rows"], inputs["rows"])
+    key = {"acts_sha256": inputs["acts_sha256"], "rows": rows, "seed": cfg.seed,
+           "shuffle_buffer": cfg.sae.shuffle_buffer}
+    path = store.Layout(cfg.out).acts_mean
+    if store.exists(path):
+        cached = store.read_json(path)
+        if cached.get("key") == key:
+            return np.asarray(cached["mean"], dtype=np.float64)
+    t0 = time.perf_counter()
+    total, n = torch.zeros(inputs["H"], dtype=torch.float64), 0
+    reader = ActsReader(cfg.out, min(rows, 65_536), seed=cfg.seed, epochs=1, max_rows=rows,
+                        shuffle_buffer=cfg.sae.shuffle_buffer, drop_last=False)
+    for x in reader:                                                             # (n, H)
+        total += x.double().sum(dim=0)
+        n += len(x)
+    if n != rows or not bool(torch.isfinite(total).all()):
+        raise UserError(f"the mean over {n} of {rows} training rows of "
+                         f"{store.Layout(cfg.out).acts} is not finite or incomplete: the "
+                         f"activation shards are corrupt; recollect them")
+    mean = (total / n).numpy()
+    store.write_json(path, {"key": key, "mean": mean.tolist()})
+    logger.info("SAE: mean activation over %d training rows in %.1f s -> %s", n,
+                time.perf_counter() - t0, path)
+    return mean
+
+
 class EvalSet:
-    """The fixed eval set: the first `eval_contexts` val contexts through the LM, once.
+    """The fixed eval set: `eval_contexts` val contexts (`eval_contexts()`) through the LM.
 
     resid (B, T, D) and acts (B, T, H) as `Lm.mlp_site` gives them, targets (B, T) (-1 = no
-    target), the baselines loss_orig / loss_zero and var_total = sum |x - mean x|^2.
+    target: the last position of a context whose successor in the val stream is not held),
+    var_total = sum |x - mean x|^2, and the cached baselines L_orig, L_zero, L_mean.
     """
 
     def __init__(self, cfg: Config, lm: Lm, device: torch.device, n_features: int):
@@ -259,9 +319,14 @@ class EvalSet:
         if n < cfg.sae.eval_contexts:
             logger.warning("sae.eval_contexts=%d but the val split holds %d contexts: "
                            "evaluating on %d", cfg.sae.eval_contexts, n_val, n)
-        rows = store.read_context(cfg.out, np.arange(min(n + 1, n_val)), "val")   # (n(+1), T)
-        idx = torch.from_numpy(rows[:n]).to(device)                               # (B, T)
-        last = rows[1:n + 1, 0] if n < n_val else np.append(rows[1:n, 0], -1)     # (B,)
+        self.ctx = eval_contexts(cfg.seed, n_val, n)                              # (B,)
+        # row r's last target is the first token of the context after it in the val stream
+        nxt = self.ctx + 1
+        want = np.union1d(self.ctx, nxt[nxt < n_val])
+        rows = store.read_context(cfg.out, want, "val")                           # (u, T)
+        first = rows[np.searchsorted(want, np.minimum(nxt, want[-1])), 0]
+        last = np.where(nxt < n_val, first, -1)                                   # (B,)
+        idx = torch.from_numpy(rows[np.searchsorted(want, self.ctx)]).to(device)  # (B, T)
         targets = torch.cat([idx[:, 1:], torch.from_numpy(last).to(device)[:, None]], dim=1)
         self.lm, self.targets, self.T = lm, targets, T
         self.n_targets = int((targets != -1).sum())
@@ -274,8 +339,8 @@ class EvalSet:
             self.acts = torch.cat([s.acts for s in sites]).float()                # (B, T, H)
             x = self.acts.flatten(0, 1).double()                                  # (N, H)
             self.var_total = float((x - x.mean(dim=0)).pow(2).sum())
-        self.loss_orig: float | None = None
-        self.loss_zero: float | None = None
+        self.baseline: dict[str, float] | None = None
+        self._ref: tuple[Tensor, Tensor] | None = None
 
     def slices(self):
         return [slice(s, s + self.chunk) for s in range(0, len(self.acts), self.chunk)]
@@ -291,23 +356,87 @@ class EvalSet:
             total += float(ce[self.targets[sl] != -1].double().sum())
         return total / self.n_targets
 
-    def baselines(self) -> None:
-        """loss_orig and loss_zero (MLP zero-ablated), unless already set (cached)."""
-        if self.loss_orig is None:
-            self.loss_orig = self.lm_loss(lambda a: a)
-            self.loss_zero = self.lm_loss(torch.zeros_like)
-            if not self.loss_zero > self.loss_orig:
-                logger.warning("zero-ablating the MLP does not raise the eval loss (%.4f vs "
-                               "%.4f): loss_recovered is meaningless for this LM",
-                               self.loss_zero, self.loss_orig)
+    def baselines(self, mean: np.ndarray) -> dict[str, float]:
+        """L_orig, L_zero (MLP zero-ablated) and L_mean (MLP activation replaced by the
+        training mean `mean` (H,)), unless already set (cached: they never change)."""
+        if self.baseline is None:
+            m = torch.as_tensor(mean, dtype=torch.float32, device=self.acts.device)
+            self.baseline = {"L_orig": self.lm_loss(lambda a: a),
+                             "L_zero": self.lm_loss(torch.zeros_like),
+                             "L_mean": self.lm_loss(lambda a: m.expand_as(a))}
+            b = self.baseline
+            if not min(b["L_zero"], b["L_mean"]) > b["L_orig"]:
+                logger.warning("ablating the MLP does not raise the eval loss (orig %.4f, zero "
+                               "%.4f, mean %.4f): loss recovered is meaningless for this LM",
+                               b["L_orig"], b["L_zero"], b["L_mean"])
+        return self.baseline
+
+    def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Final residual x (n, D) -> (ln_f(x) (n, D), next-token logits (n, V) float32)."""
+        h = self.lm.transformer.ln_f(x)
+        return h, self.lm.lm_head(h).float()
+
+    def _parts(self, sl: slice, acts: Tensor):
+        """(token slice, final residual (c, D)) of chunk `sl` with the MLP activation acts
+        (b, T, H), LOGIT_CHUNK_TOKENS tokens at a time (the (tokens, V) logits never exist
+        whole)."""
+        c_proj = self.lm.transformer.h[-1].mlp.c_proj
+        x = (self.resid[sl] + c_proj(acts)).flatten(0, 1)                          # (n, D)
+        for s in range(0, len(x), LOGIT_CHUNK_TOKENS):
+            yield slice(s, s + LOGIT_CHUNK_TOKENS), x[s:s + LOGIT_CHUNK_TOKENS]
+
+    def _reference(self) -> tuple[Tensor, Tensor]:
+        """What the KL needs of the original forward, per token (computed once, not kept
+        in checkpoints): pW = p @ W_U (B, T, D) and c = pW . ln_f(x) - logsumexp(z) (B, T),
+        float64, where z = W_U ln_f(x) are the original logits and p = softmax(z).
+
+        KL(p || q) = sum_v p_v (z_v - lse(z)) - sum_v p_v (z'_v - lse(z')) = c - pW . h' +
+        lse(z') for spliced logits z' = W_U h': an eval then needs only the spliced
+        logits' logsumexp, not the original (tokens, V) distribution again.
+        """
+        if self._ref is None:
+            W_U, pws, cs = self.lm.lm_head.weight.float(), [], []                 # (V, D)
+            for sl in self.slices():
+                for _, x in self._parts(sl, self.acts[sl]):
+                    h, z = self._head(x)                                           # (c, V)
+                    lse = torch.logsumexp(z, dim=1)                                # (c,)
+                    pw = (torch.softmax(z, dim=1) @ W_U).double()                  # (c, D)
+                    pws.append(pw)
+                    cs.append((pw * h.double()).sum(dim=1) - lse.double())
+            B, T = self.targets.shape
+            self._ref = torch.cat(pws).view(B, T, -1), torch.cat(cs).view(B, T)
+        return self._ref
+
+    def _ce_kl(self, sl: slice, x_hat: Tensor) -> tuple[float, float]:
+        """Sums over chunk `sl` of the next-token loss with the MLP activation replaced by
+        x_hat (b, T, H) and of KL(original || spliced) per token (`_reference`)."""
+        pw_all, c_all = (r[sl].flatten(0, 1) for r in self._reference())          # (n, D), (n,)
+        targets = self.targets[sl].flatten()                                       # (n,)
+        ce = kl = 0.0
+        for part, x in self._parts(sl, x_hat):
+            h, z = self._head(x)                                                   # (c, V)
+            lse = torch.logsumexp(z, dim=1)                                        # (c,)
+            t = targets[part]
+            ok = t != -1
+            ce += float((lse[ok] - z[ok].gather(1, t[ok, None]).squeeze(1)).double().sum())
+            kl += float((c_all[part] - (pw_all[part] * h.double()).sum(dim=1)
+                         + lse.double()).sum())
+        return ce, kl
 
     @torch.inference_mode()
-    def evaluate(self, sae: SparseAutoencoder) -> tuple[dict, np.ndarray]:
-        """SAE metrics on the eval set -> (metrics, eval densities (F,) float64)."""
-        self.baselines()
+    def evaluate(self, sae: SparseAutoencoder, mean: np.ndarray | None = None,
+                 ultralow: float = 1e-5) -> tuple[dict, np.ndarray]:
+        """SAE metrics on the eval set -> (metrics, eval-token densities (F,) float64).
+
+        mean: the training mean (acts_mean) for L_mean; only needed while the baselines
+        are not cached. ultralow: the eval-token ultralow cutoff.
+        """
+        if self.baseline is None:
+            assert mean is not None, "evaluate needs the training mean for the baselines"
+        base = self.baselines(mean)
         H, dev = self.acts.shape[-1], self.acts.device
         count = torch.zeros(sae.n_features, dtype=torch.float64, device=dev)     # (F,)
-        sq = l1 = loss_sae = 0.0
+        sq = l1 = loss_sae = kl = 0.0
         for sl in self.slices():
             x = self.acts[sl].flatten(0, 1)                                        # (n, H)
             f = sae.encode(x)                                                      # (n, F)
@@ -315,31 +444,39 @@ class EvalSet:
             sq += float((x_hat - x).double().pow(2).sum())
             l1 += float(f.double().sum())
             count += (f > 0).sum(dim=0)
-            ce = self.lm.loss_from(self.resid[sl], x_hat.view(-1, self.T, H), self.targets[sl],
-                                   reduction="none")                               # (b, T)
-            loss_sae += float(ce[self.targets[sl] != -1].double().sum())
+            ce_sum, kl_sum = self._ce_kl(sl, x_hat.view(-1, self.T, H))
+            loss_sae += ce_sum
+            kl += kl_sum
         n = self.n_tokens
         density = (count / n).cpu().numpy()                                        # (F,)
         mse, l1 = sq / (n * H), l1 / n
         loss_sae /= self.n_targets
-        gap = self.loss_zero - self.loss_orig
-        recovered = (self.loss_zero - loss_sae) / gap if gap != 0 else float("nan")
+        # x_hat = b_dec: every feature silent (the part of the MLP output b_dec reproduces)
+        loss_bdec = self.lm_loss(lambda a: sae.b_dec.expand_as(a))
+        eval_counts = density_counts(density, ultralow)
+
+        def recovered(ablated: float) -> float:
+            gap = ablated - base["L_orig"]
+            return (ablated - loss_sae) / gap if gap != 0 else float("nan")
+
+        zero = recovered(base["L_zero"])
         metrics = {
             "l0": float(count.sum()) / n, "mse": mse,
             "explained_variance": 1 - sq / self.var_total if self.var_total else float("nan"),
             "l1": l1, "loss": mse + sae.l1_coeff * l1,
-            "loss_orig": self.loss_orig, "loss_zero": self.loss_zero, "loss_sae": loss_sae,
-            "loss_recovered": recovered, "nll_score": 1 - recovered,
-            "dead": int((density == 0).sum()),
-            "ultralow": int(((density > 0) & (density < ULTRALOW)).sum()),
-            "dense": int((density > DENSE).sum()), "eval_tokens": n,
+            **base, "L_bdec": loss_bdec, "L_sae": loss_sae,
+            "loss_recovered_mean": recovered(base["L_mean"]),
+            "loss_recovered": zero, "nll_score": 1 - zero,
+            "ce_increase": loss_sae - base["L_orig"], "kl": kl / n,
+            **{f"{k}_eval": v for k, v in eval_counts.items()}, "eval_tokens": n,
         }
         return metrics, density
 
 
-def density_histogram(density: np.ndarray, path: str, title: str, n_tokens: int) -> None:
-    """PNG of log10(eval density) over the features that fired; dead ones in the title; a
-    dotted line at 1 / n_tokens, the lowest density the eval can see."""
+def density_histogram(density: np.ndarray, path: str, title: str, n_rows: int,
+                      ultralow: float) -> None:
+    """PNG of log10(training-window density) over the features that fired; dead ones in the
+    title; a dotted line at 1 / n_rows, the lowest density the window can see."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -349,15 +486,16 @@ def density_histogram(density: np.ndarray, path: str, title: str, n_tokens: int)
     ax = fig.add_subplot()
     if len(alive):
         ax.hist(np.log10(alive), bins="auto", color="tab:blue")
-    for x, label, style in ((math.log10(ULTRALOW), "ultralow", "--"),
+    for x, label, style in ((math.log10(ultralow), "ultralow", "--"),
                             (math.log10(DENSE), "dense", "--"),
-                            (-math.log10(n_tokens), "1 token", ":")):
+                            (-math.log10(max(n_rows, 1)), "1 row", ":")):
         ax.axvline(x, color="grey", linestyle=style, linewidth=1)
         ax.text(x, 1, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
-    ax.set_xlabel("log10 feature density (fraction of eval tokens with f > 0)")
+    ax.set_xlabel(f"log10 feature density (fraction of the last {n_rows:,} training rows "
+                  f"with f > 0)")
     ax.set_ylabel("features")
     ax.set_title(f"{title}\n{len(density) - len(alive)} of {len(density)} features never "
-                 f"fired on the eval tokens (not shown)", fontsize=9)
+                 f"fired on those rows (not shown)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -412,9 +550,10 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, Tensor], dict[str, Tenso
         trainer = safetensors.torch.load_file(os.path.join(path, TRAINER_STATE))
     except (OSError, ValueError, safetensors.SafetensorError) as err:
         raise ValueError(f"unreadable SAE checkpoint {path}: {err}") from err
-    if state.get("format") != "mono.sae_checkpoint/1":
-        raise ValueError(f"{path}/{STATE} is not a mono SAE checkpoint "
-                         f"(format {state.get('format')!r})")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}/{STATE} is not a mono SAE checkpoint of this version "
+                         f"(format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}): "
+                         f"start the run afresh in another workdir")
     try:
         with open(os.path.join(path, DENSITY), "rb") as fh:
             state["density"] = np.load(fh)
@@ -555,13 +694,15 @@ class SaeRun:
         self.step, self.n_resampled, self.history = 0, 0, []
         self.wall, self.t_start = 0.0, time.perf_counter()  # wall_s: this run's, all attempts
         self.reader_state: dict | None = None
-        self.density = np.zeros(sc.n_features)
-        self.cached_losses = (None, None)
-        # Feature firing, folded from trainer.fired at every boundary (window start, eval,
-        # resample): since the last eval (-> dead_train) and since the open resample window
-        # opened (-> the dead features); `last_resample` makes a resample at the final step
-        # of a shorter run happen on resume instead (resample_due).
-        self.since_eval = torch.zeros(sc.n_features, dtype=torch.bool, device=self.device)
+        self.density = np.zeros(sc.n_features)  # trailing-window densities of the last eval
+        self.cached_baseline: dict | None = None
+        # Feature firing, folded from trainer.fire_counts at every boundary (window start,
+        # eval, resample, density block): counted since the last eval and over the trailing
+        # density window (mono.density), and the mask since the open resample window opened
+        # (-> the dead features); `last_resample` makes a resample at the final step of a
+        # shorter run happen on resume instead (resample_due).
+        self.fires = FireCounts(sc.n_features, block_steps(sc.density_window, sc.batch_size),
+                                self.device)
         self.window: Tensor | None = None
         self.last_resample = 0
         if ckpt is not None:
@@ -569,8 +710,8 @@ class SaeRun:
         else:
             self._init_b_dec()
         self.evalset = evalset or EvalSet(cfg, self.lm, self.device, sc.n_features)
-        if self.cached_losses[0] is not None:
-            self.evalset.loss_orig, self.evalset.loss_zero = self.cached_losses
+        if self.cached_baseline is not None:
+            self.evalset.baseline = self.cached_baseline
         # Windows open for every resample step, even past n_steps: a later resume with more
         # steps then finds the same masks a straight run has.
         self.resample_at = set(sc.resample_at)
@@ -613,32 +754,34 @@ class SaeRun:
         self.history, self.reader_state = state["history"], state["reader"]
         self.wall = state["wall_s"]
         self.rng.bit_generator.state = state["rng"]
-        self.cached_losses = state["loss_orig"], state["loss_zero"]
+        self.cached_baseline = state["baseline"]
         self.density = state["density"]
         self.last_resample = state["last_resample"]
         try:
-            self.since_eval.copy_(trainer["run.since_eval"])
+            self.fires.load_state_dict({k[len("run."):]: v.to(self.device)
+                                        for k, v in trainer.items() if k.startswith("run.")})
             if state["window_open"]:
                 self.window = trainer["run.window"].to(self.device)
-        except (KeyError, RuntimeError) as err:
+        except (KeyError, RuntimeError, ValueError) as err:
             raise ValueError(f"SAE checkpoint {path}: firing masks missing or misshapen: "
                              f"{err}") from err
         logger.info("SAE: resumed from %s at step %d of %d", path, self.step, self.n_steps)
 
     def checkpoint(self) -> str:
         """Write workdir/checkpoint for the current step; returns its path."""
-        window = self.window if self.window is not None else torch.zeros_like(self.since_eval)
+        window = self.window if self.window is not None else torch.zeros(
+            self.sae.n_features, dtype=torch.bool, device=self.device)
+        fires = {f"run.{k}": v for k, v in self.fires.state_dict().items()}
         trainer_state = {k: v.detach().cpu().contiguous() for k, v in (
-            self.trainer.state_dict() | {"run.since_eval": self.since_eval,
-                                         "run.window": window}).items()}
+            self.trainer.state_dict() | fires | {"run.window": window}).items()}
         weights = {k: v.detach().cpu().contiguous() for k, v in self.sae.state_dict().items()}
         state = {
-            "format": "mono.sae_checkpoint/1", "step": self.step, "n_steps": self.n_steps,
+            "format": CHECKPOINT_FORMAT, "step": self.step, "n_steps": self.n_steps,
             "reader": self.reader_state, "rng": self.rng.bit_generator.state,
             "n_resampled": self.n_resampled, "history": self.history,
             "last_resample": self.last_resample, "window_open": self.window is not None,
             "wall_s": self.wall + time.perf_counter() - self.t_start,
-            "loss_orig": self.evalset.loss_orig, "loss_zero": self.evalset.loss_zero,
+            "baseline": self.evalset.baseline,
             "H": self.inputs["H"], "seed": self.cfg.seed, "acts_sha256":
             self.inputs["acts_sha256"], "sae": dataclasses.asdict(self.cfg.sae),
         }
@@ -674,15 +817,16 @@ class SaeRun:
         raise RuntimeError(f"injected failure ({FAIL_AT_ENV}) at step {self.step}")
 
     def _fold(self) -> None:
-        """Move trainer.fired into the since-eval and window masks, then reset it."""
-        self.since_eval |= self.trainer.fired
+        """Move trainer.fire_counts into the density counts and the window mask, then
+        reset it."""
+        self.fires.add(self.trainer.fire_counts)
         if self.window is not None:
             self.window |= self.trainer.fired
         self.trainer.reset_fired()
 
     def _open_window(self) -> None:
         self._fold()
-        self.window = torch.zeros_like(self.since_eval)
+        self.window = torch.zeros(self.sae.n_features, dtype=torch.bool, device=self.device)
 
     def resample_due(self) -> bool:
         """A resample step not done yet; never the last step (its new features would go
@@ -708,14 +852,17 @@ class SaeRun:
         train: sums of the training stats since the last eval ("steps": how many), seconds:
         the training time they took.
         """
-        t0 = time.perf_counter()
-        metrics, self.density = self.evalset.evaluate(self.sae)
+        t0, ultralow = time.perf_counter(), self.cfg.sae.ultralow_density
+        metrics, _ = self.evalset.evaluate(self.sae, self.inputs["mean"], ultralow)
         self._fold()
-        dead_train = int((~self.since_eval).sum())
-        self.since_eval.zero_()
+        window, since = self.fires.window(), self.fires.take_since_eval()
+        self.density = window.density
         steps, bs = train["steps"], self.cfg.sae.batch_size
         out = {"step": self.step, "examples": self.step * bs, **metrics,
-               "dead_train": dead_train,
+               **density_counts(window.density, ultralow), "window_rows": window.rows,
+               **{f"{k}_since_eval": v for k, v in density_counts(since.density,
+                                                                 ultralow).items()},
+               "since_eval_rows": since.rows,
                "n_resampled": self.n_resampled,
                "samples_per_s": steps * bs / seconds if seconds else 0.0,
                **{f"train_{k}": float(v) / steps for k, v in train.items()
@@ -723,12 +870,13 @@ class SaeRun:
                "eval_s": time.perf_counter() - t0,
                "wall_s": self.wall + time.perf_counter() - self.t_start}
         self.history.append(out)
-        logger.info("SAE step %d/%d: L0 %.1f, loss recovered %.3f, explained var %.3f, "
-                    "mse %.4g, dead %d (training: %d) / ultralow %d / dense %d of %d, "
-                    "%.0f samples/s", self.step, self.n_steps, out["l0"],
-                    out["loss_recovered"], out["explained_variance"], out["mse"], out["dead"],
-                    dead_train, out["ultralow"], out["dense"], self.sae.n_features,
-                    out["samples_per_s"])
+        logger.info("SAE step %d/%d: L0 %.1f, loss recovered %.3f vs mean ablation (%.3f vs "
+                    "zero), CE +%.4f nats, KL %.4f, explained var %.3f, dead %d / ultralow %d "
+                    "/ dense %d of %d over %d training rows, %.0f samples/s", self.step,
+                    self.n_steps, out["l0"], out["loss_recovered_mean"],
+                    out["loss_recovered"], out["ce_increase"], out["kl"],
+                    out["explained_variance"], out["dead"], out["ultralow"], out["dense"],
+                    self.sae.n_features, window.rows, out["samples_per_s"])
         return out
 
     def fit(self, on_eval: Callable[[dict, str], None] | None,
@@ -782,6 +930,10 @@ class SaeRun:
         """Count the step that produced `stats` on batch x (NaN/Inf checked here)."""
         self.step += 1
         self._check_finite(stats.loss, x, self.rows_before)
+        self.fires.add_rows(len(x))
+        if self.step % self.fires.block_steps == 0:  # a density block ends
+            self._fold()
+            self.fires.advance()
         for acc in (self.train, self.since_report):
             for k in ("loss", "mse", "l0"):
                 acc[k] = acc.get(k, 0.0) + getattr(stats, k)
@@ -806,7 +958,7 @@ class SaeRun:
                 if self.on_eval is not None:
                     self.on_eval(metrics, path)
                 self.bar.set_postfix(l0=f"{metrics['l0']:.1f}",
-                                     rec=f"{metrics['loss_recovered']:.3f}")
+                                     rec=f"{metrics['loss_recovered_mean']:.3f}")
                 self.train, self.t_train = {"steps": 0}, 0.0
             self._report(metrics, path, progress)
             self.t0 = time.perf_counter()
@@ -835,7 +987,7 @@ class SaeRun:
         acc, n = self.since_report, self.since_report["steps"]
         out = {"step": self.step, "examples": self.step * self.cfg.sae.batch_size}
         out |= {f"train_{k}": float(acc[k]) / n for k in ("loss", "mse", "l0") if n}
-        fired = self.since_eval | self.trainer.fired
+        fired = (self.fires.since_eval > 0) | self.trainer.fired
         out["dead_fraction"] = float((~fired).sum()) / self.sae.n_features
         return out
 
@@ -852,8 +1004,8 @@ class SaeRun:
         store.write_json(os.path.join(self.workdir, HISTORY), self.history)
         density_histogram(self.density, os.path.join(self.workdir, DENSITY_PNG),
                           f"step {metrics['step']}: L0 {metrics['l0']:.1f}, loss recovered "
-                          f"{metrics['loss_recovered']:.3f} ({metrics['eval_tokens']} tokens)",
-                          metrics["eval_tokens"])
+                          f"{metrics['loss_recovered_mean']:.3f} (vs mean ablation)",
+                          metrics["window_rows"], self.cfg.sae.ultralow_density)
         return metrics
 
 

@@ -6,11 +6,11 @@
         --out s3://BUCKET/mono/paper --max_rows 100000000
 
 --trial: a trial name of <out>/sweep/<name>/trials.json or an SAE export dir; by default the
-sweep's best loss_recovered among trials with L0 <= --target_l0 (else the best overall,
-with a note), or <out>/sae_single/sae without a sweep. Prints the index.html to open.
-No SAE to analyse, missing or corrupt activation shards, or an SAE, shards and LM of
-different widths are reported before Ray starts, as one line (exit status 2; --traceback
-shows the stack).
+sweep's best loss_recovered_mean (vs mean ablation) among trials with L0 <= --target_l0
+(else the best overall, with a note), or <out>/sae_single/sae without a sweep. Prints the
+index.html to open. No SAE to analyse, missing or corrupt activation shards, or an SAE,
+shards and LM of different widths are reported before Ray starts, as one line (exit status
+2; --traceback shows the stack).
 """
 
 import ray

@@ -36,14 +36,17 @@ def main(argv: list[str] | None = None, init=None) -> dict:
     cfg = cli.parse(rest, PROG, __doc__, SECTIONS, init=None if known.report_only else init,
                     check=None if known.report_only else sweep.check)
     summary = sweep.report(cfg) if known.report_only else sweep.run(cfg)
-    print(f"{'trial':<44}{'status':<12}{'L0':>8}{'loss rec.':>11}{'EV':>8}"
-          f"{'dead (train/eval)':>19}")
+    # headline: loss recovered against mean ablation; then the paper's (vs zero ablation)
+    print(f"{'trial':<44}{'status':<12}{'L0':>7}{'rec/mean':>10}{'rec/zero':>10}"
+          f"{'CE+ nats':>10}{'KL':>8}{'EV':>7}{'dead/ultralow (train)':>23}")
+    nan = float("nan")
     for t in summary["trials"]:
         m = t.get("metrics") or t["last_report"]
-        print(f"{t['name']:<44}{t['status']:<12}{m.get('l0', float('nan')):>8.2f}"
-              f"{m.get('loss_recovered', float('nan')):>11.3f}"
-              f"{m.get('explained_variance', float('nan')):>8.3f}"
-              f"{m.get('dead_train', -1):>12}/{m.get('dead', -1):<6}")
+        print(f"{t['name']:<44}{t['status']:<12}{m.get('l0', nan):>7.2f}"
+              f"{m.get('loss_recovered_mean', nan):>10.3f}{m.get('loss_recovered', nan):>10.3f}"
+              f"{m.get('ce_increase', nan):>10.4f}{m.get('kl', nan):>8.4f}"
+              f"{m.get('explained_variance', nan):>7.3f}"
+              f"{m.get('dead', -1):>15}/{m.get('ultralow', -1):<7}")
     print(f"trials: {summary['trials_json']}\nsweep report: {summary['report']}")
     return summary
 

@@ -38,10 +38,11 @@ ZERO_OK = {
     ("train_lm", "weight_decay"), ("train_lm", "grad_clip"), ("train_lm", "max_failures"),
     ("train_lm", "num_workers"),
     ("acts", "n_contexts"), ("acts", "max_actors"), ("acts", "threads_per_actor"),
-    ("sae", "n_steps"), ("sae", "report_interval"), ("sweep", "cpus_per_trial"), ("sweep", "pack"),
+    ("sae", "n_steps"), ("sae", "report_interval"), ("sae", "mean_rows"),
+    ("sweep", "cpus_per_trial"), ("sweep", "pack"),
     ("sweep", "gpus_per_trial"), ("sweep", "max_concurrent_trials"), ("sweep", "max_failures"),
-    ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"), ("top", "seed"),
-    ("splitting", "n_tasks"),
+    ("analysis", "max_rows"), ("analysis", "window"), ("analysis", "n_tasks"),
+    ("analysis", "logit_min_count"), ("top", "seed"), ("splitting", "n_tasks"),
 }
 
 

@@ -284,20 +284,43 @@ def test_max_rows_scans_a_sample(run, tmp_path):
 # --- logit effects ------------------------------------------------------------------------
 
 
-def test_logit_effects_match_the_linearised_formula(run):
-    lm = store.load_lm(run["out"])
+def test_logit_effects_match_the_lms_logit_change(run):
+    """A small multiple of a decoder direction added to the MLP output at every position of
+    the analysis's contexts changes the LM's logits (central finite difference through the
+    real ln_f and unembedding, float64) by the listed effects, rare tokens left out."""
+    out, lm = run["out"], store.load_lm(run["out"])
+    tokens = store.read_context(out, np.arange(16))
+    resid = features.final_residual(lm, tokens)                              # (N, D)
+    counts = features.token_counts(out)
+    assert counts.sum() == store.read_tokens(out, "train")[1].size
+    keep = np.flatnonzero(counts >= run["cfg"].analysis.logit_min_count)
+    assert 10 < len(keep) < 1000, "the corpus uses few tokens: most of the vocabulary is rare"
     W_dec = run["sae"].W_dec.detach()[:3]
-    top_ids, top_val, bot_ids, bot_val = features.logit_effects(lm, W_dec, 2.0, 10, chunk=2)
+    top_ids, top_val, bot_ids, bot_val = features.logit_effects(
+        lm, W_dec, features.ln_jacobian(lm, resid), 10, keep, chunk=2)
+    ln_f, W_U = lm.transformer.ln_f.double(), lm.lm_head.weight.double()[keep]
+    c_proj = lm.transformer.h[-1].mlp.c_proj.double()
+    x, eps = resid.double(), 1e-3
     with torch.no_grad():
-        u = W_dec.double() @ lm.transformer.h[-1].mlp.c_proj.weight.double().T  # (3, D)
-        u = (u - u.mean(1, keepdim=True)) * lm.transformer.ln_f.weight.double() / 2.0
-        logits = (u @ lm.lm_head.weight.double()[:50257].T).numpy()             # (3, V)
-    logits -= np.median(logits, axis=1, keepdims=True)
-    for i in range(3):
-        want = np.argsort(-logits[i])[:10]
-        assert set(top_ids[i]) == set(want) and top_ids[i].max() < 50257
-        np.testing.assert_allclose(top_val[i], logits[i, top_ids[i]], rtol=1e-3, atol=1e-5)
-        np.testing.assert_allclose(bot_val[i], np.sort(logits[i])[:10], rtol=1e-3, atol=1e-5)
+        for i in range(3):
+            u = c_proj(W_dec[i].double())                                    # (D,)
+            fd = ((ln_f(x + eps * u) - ln_f(x - eps * u)) @ W_U.T).mean(0) / (2 * eps)
+            fd = (fd - fd.median()).numpy()                                  # (V',)
+            want = keep[np.argsort(-fd)[:10]]
+            assert set(top_ids[i]) == set(want) and set(top_ids[i]) <= set(keep)
+            got = dict(zip(keep, fd))
+            np.testing.assert_allclose(top_val[i], [got[t] for t in top_ids[i]],
+                                       rtol=1e-3, atol=1e-4 * abs(fd).max())
+            np.testing.assert_allclose(bot_val[i], np.sort(fd)[:10], rtol=1e-3,
+                                       atol=1e-4 * abs(fd).max())
+    # the analysis's own tables: kept tokens only, and the pages say how many were left out
+    assert all(set(r["logit_top_ids"]) | set(r["logit_bottom_ids"]) <= set(keep)
+               for r in run["rows"])
+    excluded = 50257 - len(keep)
+    assert run["saved"]["logit"] == {"positions": len(resid), "min_count": 10,
+                                     "excluded": excluded, "vocab": 50257}
+    page = open(store.join(run["adir"], "html", "features", "9.html"), encoding="utf-8").read()
+    assert f"{excluded:,} of the 50,257 tokens" in page
     table = run["rows"][0]
     assert len(table["logit_top"]) == run["cfg"].analysis.logit_tokens
     assert all("\ufffd" not in t for r in run["rows"] for t in r["logit_top"] + r["logit_bottom"])
@@ -307,16 +330,17 @@ def test_logit_effects_match_the_linearised_formula(run):
 
 
 def test_best_trial_prefers_the_l0_target_and_falls_back():
-    trials = [{"name": "a", "l0": 5, "loss_recovered": 0.6},
-              {"name": "b", "metrics": {"l0": 30, "loss_recovered": 0.9}},
-              {"name": "c", "l0": 12, "loss_recovered": 0.7},
-              {"name": "d", "status": "error", "l0": 1, "loss_recovered": 0.99}]
+    # chosen by the headline (mean ablation), not the paper's zero-ablation figure
+    trials = [{"name": "a", "l0": 5, "loss_recovered_mean": 0.6, "loss_recovered": 0.99},
+              {"name": "b", "metrics": {"l0": 30, "loss_recovered_mean": 0.9}},
+              {"name": "c", "l0": 12, "loss_recovered_mean": 0.7, "loss_recovered": 0.9},
+              {"name": "d", "status": "error", "l0": 1, "loss_recovered_mean": 0.99}]
     best, note = features.best_trial(trials, 20)
     assert best["name"] == "c" and "2 trial(s)" in note
     best, note = features.best_trial(trials, 1)
     assert best["name"] == "b" and "no trial has L0 <= 1" in note
-    with pytest.raises(ValueError, match="loss_recovered"):
-        features.best_trial([{"name": "x", "l0": 1}], 20)
+    with pytest.raises(ValueError, match="loss_recovered_mean"):
+        features.best_trial([{"name": "x", "l0": 1, "loss_recovered": 0.9}], 20)
 
 
 def test_resolve_trial_from_trials_json_name_and_path(tmp_path):
@@ -328,10 +352,11 @@ def test_resolve_trial_from_trials_json_name_and_path(tmp_path):
     for name in ("t1", "t2"):
         write_sae(store.join(exp, name, "sae"), 8, 4)
     store.write_json(store.join(exp, "trials.json"), {"trials": [
-        {"name": "t1", "l0": 3, "loss_recovered": 0.5, "sae_dir": "t1/sae"},
+        {"name": "t1", "l0": 3, "loss_recovered_mean": 0.5, "sae_dir": "t1/sae"},
         {"name": "t2", "status": "done", "sae_dir": store.join(exp, "t2", "sae"),
-         "metrics": {"l0": 4, "loss_recovered": 0.8}},
-        {"name": "t3", "status": "unfinished", "last_report": {"l0": 1, "loss_recovered": 1}}]})
+         "metrics": {"l0": 4, "loss_recovered_mean": 0.8}},
+        {"name": "t3", "status": "unfinished",
+         "last_report": {"l0": 1, "loss_recovered_mean": 1}}]})
     assert features.resolve_trial(cfg)[:2] == ("t2", store.join(exp, "t2", "sae"))
     named = with_overrides(cfg, analysis={"trial": "t1"})
     assert features.resolve_trial(named)[:2] == ("t1", store.join(exp, "t1/sae"))

@@ -45,7 +45,7 @@ def run_dir(ray_local, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sweep_run"))
     os.environ.setdefault("MONO_CACHE_DIR", os.path.join(out, "cache"))
     write_tokens(out)
-    # A few LM steps make the MLP matter (loss_zero > loss_orig): V = 50304 logits per token
+    # A few LM steps make the MLP matter (L_zero > L_orig): V = 50304 logits per token
     # make each step cost ~1 s on a loaded 2-core box.
     cfg = with_overrides(PRESETS["tiny"], out=out, acts={"max_actors": 1},
                          train_lm={"max_iters": 6, "batch_size": 2, "eval_interval": 6})
@@ -82,7 +82,9 @@ def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
         assert os.path.isfile(store.join(t["sae_dir"], "sae_lens", "sae_weights.safetensors"))
         m = t["metrics"]
         assert m["step"] == 32 and 0 < m["l0"] < 256 and np.isfinite(m["loss_recovered"])
-        assert set(m) >= {"mse", "explained_variance", "dead", "ultralow", "dense"}
+        assert np.isfinite(m["loss_recovered_mean"]) and m["kl"] > 0
+        assert set(m) >= {"mse", "explained_variance", "dead", "ultralow", "dense",
+                          "ce_increase", "L_bdec", "window_rows", "dead_eval"}
         results = reports(t)
         # cheap reports every 4 steps (tiny's report_interval), evals at 16 and 32
         assert [r["step"] for r in results] == list(range(4, 33, 4))
@@ -104,9 +106,13 @@ def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
         assert b"ray/tune/log10_density" in open(store.join(t["dir"], hist), "rb").read()
         assert os.path.isfile(store.join(t["dir"], "density.npy"))
     assert trials[2]["metrics"]["l0"] < trials[0]["metrics"]["l0"]  # larger l1, sparser
+    # every trial evaluates on the same seeded sample of val contexts: the same baselines
+    assert len({tuple(t["metrics"][k] for k in ("L_orig", "L_zero", "L_mean", "eval_tokens"))
+                for t in trials}) == 1
     page = open(summary["report"]).read()
     assert summary["report"] == store.join(exp, "report", "index.html")
     assert all(t["name"] in page for t in trials) and "&#9733;" in page
+    assert "loss recovered vs mean ablation" in page and "CE increase" in page
     for png in ("pareto.png", "density.png"):
         assert open(store.join(exp, "report", png), "rb").read(4) == b"\x89PNG"
     # the report is re-creatable from the files alone
@@ -261,6 +267,7 @@ def test_report_escapes_everything(tmp_path):
         {"name": f"l1_0.001_lr_0.001_{evil}", "l1_coeff": 1e-3, "lr": 1e-3, "status": "done",
          "dir": f"{exp}/a", "sae_dir": f"{exp}/a/sae", "last_report": {},
          "metrics": {"step": 8, "l0": 3.0, "loss_recovered": 0.7, "mse": 0.1,
+                     "loss_recovered_mean": 0.4, "ce_increase": 0.2, "kl": 0.1,
                      "explained_variance": 0.5, "dead": 1, "ultralow": 0, "dense": 2}},
         {"name": "b", "l1_coeff": 1e-2, "lr": 1e-3, "status": "error", "dir": f"{exp}/b",
          "error": f'RuntimeError: "{evil}" & more', "last_report": {"step": 4}},

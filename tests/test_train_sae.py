@@ -20,17 +20,25 @@ import torch
 
 from mono import acts, store, train_lm, train_sae
 from mono.config import PRESETS, with_overrides
+from mono.reader import ActsReader
+from mono.sae import SparseAutoencoder
 
 T, N_TRAIN, N_VAL, EVAL_CTX = 64, 256, 12, 4
 # 4096 rows / 128 = 32 steps; features unused for 6 steps before steps 16 and 28 are
 # resampled (~100 and ~270 of 512 with this LM: both resamples always have work).
+# Density blocks of 3 steps (window 3072 rows = 8 blocks x 3 x 128): block boundaries fall
+# between evals, checkpoints and resamples, so the resume tests cover the fire-count ring.
 SAE = dict(n_features=512, l1_coeff=3e-3, lr=3e-3, batch_size=128, n_steps=0,
            resample_at=(16, 28), dead_window=6, resample_inputs=1024, geom_median_samples=512,
-           shuffle_buffer=2048, eval_interval=8, eval_contexts=EVAL_CTX, checkpoint_interval=4)
+           shuffle_buffer=2048, eval_interval=8, eval_contexts=EVAL_CTX, checkpoint_interval=4,
+           mean_rows=0, density_window=3072)
 LM_STEPS = 16  # enough for the LM to learn the cycle well below its unigram entropy
-METRIC_KEYS = {"step", "examples", "l0", "mse", "explained_variance", "l1", "loss", "loss_orig",
-               "loss_zero", "loss_sae", "loss_recovered", "nll_score", "dead", "ultralow",
-               "dense", "dead_train", "n_resampled", "samples_per_s"}
+METRIC_KEYS = {"step", "examples", "l0", "mse", "explained_variance", "l1", "loss", "L_orig",
+               "L_zero", "L_mean", "L_bdec", "L_sae", "loss_recovered", "loss_recovered_mean",
+               "nll_score", "ce_increase", "kl", "dead", "ultralow", "dense", "window_rows",
+               "dead_since_eval", "ultralow_since_eval", "dense_since_eval", "since_eval_rows",
+               "dead_eval", "ultralow_eval", "dense_eval", "eval_tokens", "n_resampled",
+               "samples_per_s"}
 
 
 def write_tokens(out: str, n_sym: int = 16, noise: float = 0.05, seed: int = 0) -> None:
@@ -130,6 +138,12 @@ def test_run_writes_checkpoint_export_metrics(straight, run_dir):
         "density.npy", "sae.safetensors", "state.json", "trainer.safetensors"]
     density = np.load(os.path.join(wd, "checkpoint", "density.npy"))
     assert density.shape == (512,) and m["dead"] == int((density == 0).sum())
+    # training-stream densities: exact counts over whole steps of 128 rows; the trailing
+    # window holds the current 3-step block (32 = 10 x 3 + 2) and the 8 before it
+    assert m["window_rows"] == (8 * 3 + 2) * 128 and m["since_eval_rows"] == 8 * 128
+    np.testing.assert_allclose(density * m["window_rows"], np.round(density * m["window_rows"]),
+                               atol=1e-9)
+    assert m["ce_increase"] == pytest.approx(m["L_sae"] - m["L_orig"]) and m["kl"] > 0
     png = open(os.path.join(wd, "density.png"), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert not [n for n in os.listdir(wd) if ".tmp-" in n or n.endswith(".prev")]
@@ -140,11 +154,11 @@ def test_run_writes_checkpoint_export_metrics(straight, run_dir):
 
 def test_eval_baselines_are_cached_and_the_lm_uses_its_mlp(straight, run_dir):
     history = json.loads(open(os.path.join(straight["workdir"], "history.json")).read())
-    assert len({(h["loss_orig"], h["loss_zero"]) for h in history}) == 1
+    assert len({(h["L_orig"], h["L_zero"], h["L_mean"]) for h in history}) == 1
     m = straight["metrics"]
     # The trained LM predicts the cycle (below the unigram entropy); its MLP helps it.
-    assert m["loss_orig"] < run_dir["lm_metrics"]["unigram_entropy"]
-    assert m["loss_orig"] < m["loss_zero"]
+    assert m["L_orig"] < run_dir["lm_metrics"]["unigram_entropy"]
+    assert m["L_orig"] < m["L_mean"] <= m["L_zero"]
 
 
 def test_eval_metrics_match_a_naive_computation(straight, run_dir):
@@ -152,7 +166,8 @@ def test_eval_metrics_match_a_naive_computation(straight, run_dir):
     lm = store.load_lm(cfg.out)
     sae, _ = train_sae.load_sae(os.path.join(straight["workdir"], "sae"))
     ev = train_sae.EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
-    metrics, density = ev.evaluate(sae)
+    mean = train_sae.acts_mean(cfg, train_sae.check_inputs(cfg))
+    metrics, density = ev.evaluate(sae, mean)
     x = ev.acts.flatten(0, 1).double()
     with torch.no_grad():
         out = sae(x.float())
@@ -163,19 +178,97 @@ def test_eval_metrics_match_a_naive_computation(straight, run_dir):
     ev_ref = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert metrics["explained_variance"] == pytest.approx(float(ev_ref), rel=1e-5)
     np.testing.assert_allclose(density, (f > 0).double().mean(0).numpy())
+    # the mean over every training row, read straight from the shards
+    rows = np.concatenate([store.table_acts(pq.read_table(f), float32=True)[3]
+                           for f in store.acts_files(cfg.out)])
+    np.testing.assert_allclose(mean, rows.astype(np.float64).mean(0), rtol=1e-9, atol=1e-12)
     tokens = store.read_context(cfg.out, np.arange(N_VAL), "val")
-    idx = torch.from_numpy(tokens[:EVAL_CTX])
-    nxt = torch.from_numpy(tokens[1:EVAL_CTX + 1, 0])[:, None]
-    tgt = torch.cat([idx[:, 1:], nxt], dim=1)
+    ids = ev.ctx
+    idx = torch.from_numpy(tokens[ids])
+    nxt = torch.from_numpy(np.array([tokens[i + 1, 0] if i + 1 < N_VAL else -1 for i in ids]))
+    tgt = torch.cat([idx[:, 1:], nxt[:, None]], dim=1)
     with torch.no_grad():
-        ref_orig = float(lm(idx, tgt).loss)
-    assert metrics["loss_orig"] == pytest.approx(ref_orig, rel=1e-5)
+        logits_orig = lm(idx).logits
+        ref_orig = float(torch.nn.functional.cross_entropy(
+            logits_orig.flatten(0, 1), tgt.flatten(), ignore_index=-1))
+    assert metrics["L_orig"] == pytest.approx(ref_orig, rel=1e-5)
     zero = lm.loss_with_mlp_acts(idx, tgt, torch.zeros(EVAL_CTX, T, 128))
-    assert metrics["loss_zero"] == pytest.approx(float(zero), rel=1e-5)
+    assert metrics["L_zero"] == pytest.approx(float(zero), rel=1e-5)
+    mean_t = torch.from_numpy(mean).float().expand(EVAL_CTX, T, 128)
+    abl = lm.loss_with_mlp_acts(idx, tgt, mean_t)
+    assert metrics["L_mean"] == pytest.approx(float(abl), rel=1e-5)
+    bdec = lm.loss_with_mlp_acts(idx, tgt, sae.b_dec.detach().expand(EVAL_CTX, T, 128))
+    assert metrics["L_bdec"] == pytest.approx(float(bdec), rel=1e-5)
     recon = lm.loss_with_mlp_acts(idx, tgt, out.x_hat.view(EVAL_CTX, T, 128))
-    assert metrics["loss_sae"] == pytest.approx(float(recon), rel=1e-5)
+    assert metrics["L_sae"] == pytest.approx(float(recon), rel=1e-5)
     assert metrics["loss_recovered"] == pytest.approx(
         (float(zero) - float(recon)) / (float(zero) - ref_orig), rel=1e-4)
+    assert metrics["loss_recovered_mean"] == pytest.approx(
+        (float(abl) - float(recon)) / (float(abl) - ref_orig), rel=1e-4)
+    # KL(original || spliced) per token, from the full logits of both forwards
+    site = lm.mlp_site(idx)
+    x = site.resid + lm.transformer.h[-1].mlp.c_proj(out.x_hat.view(EVAL_CTX, T, 128))
+    with torch.no_grad():
+        lq = torch.log_softmax(lm.lm_head(lm.transformer.ln_f(x)), -1).double()
+        lp = torch.log_softmax(logits_orig, -1).double()
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert metrics["kl"] == pytest.approx(kl, rel=1e-3)
+
+
+def test_bdec_alone_recovers_nothing_and_a_perfect_reconstruction_everything(run_dir):
+    """x_hat = b_dec (every feature silent) recovers ~0 of the loss against mean ablation,
+    though a part against zero ablation (bias-free LM); an exact x_hat recovers 1, KL 0."""
+    cfg = run_dir["cfg"]
+    lm = store.load_lm(cfg.out)
+    inputs = train_sae.check_inputs(cfg)
+    ev = train_sae.EvalSet(cfg, lm, torch.device("cpu"), 256)
+    silent = SparseAutoencoder(128, 256, 1e-3)
+    with torch.no_grad():
+        silent.b_enc.fill_(-1e4)  # no feature ever fires
+        silent.b_dec.copy_(torch.from_numpy(inputs["mean"]).float())
+    m, density = ev.evaluate(silent, inputs["mean"])
+    assert m["l0"] == 0 and (density == 0).all() and m["dead_eval"] == 256
+    assert m["L_bdec"] == pytest.approx(m["L_sae"]) == pytest.approx(m["L_mean"], rel=1e-6)
+    assert abs(m["loss_recovered_mean"]) < 1e-4
+    # zero ablation credits the input-independent part b_dec reproduces (0.22 here)
+    assert m["loss_recovered"] > 0.1
+    # b_dec at the geometric median of training rows (the SAE's init) is no better
+    rows = next(iter(ActsReader(cfg.out, 512, seed=cfg.seed, max_rows=512)))
+    silent.init_b_dec_(rows)
+    m = ev.evaluate(silent)[0]
+    assert abs(m["loss_recovered_mean"]) < 0.25 and m["kl"] > 0.01
+    # F = 2H, W_dec = [I; -I]: f = (relu(x), relu(-x)), x_hat = x exactly
+    exact = SparseAutoencoder(128, 256, 1e-3)
+    eye = torch.eye(128)
+    with torch.no_grad():
+        exact.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        exact.b_enc.zero_()
+        exact.b_dec.zero_()
+    m = ev.evaluate(exact)[0]
+    assert m["mse"] == 0 and m["L_sae"] == pytest.approx(m["L_orig"], rel=1e-6)
+    assert m["loss_recovered_mean"] == pytest.approx(1, abs=1e-5)
+    assert m["loss_recovered"] == pytest.approx(1, abs=1e-5)
+    assert m["ce_increase"] == pytest.approx(0, abs=1e-5) and abs(m["kl"]) < 1e-6
+
+
+def test_eval_contexts_are_a_seeded_sample_shared_by_a_sweep(run_dir, straight):
+    cfg = run_dir["cfg"]
+    ids = train_sae.eval_contexts(cfg.seed, 1000, 64)
+    assert len(set(ids.tolist())) == 64 and ids.max() < 1000
+    assert not np.array_equal(ids, np.arange(64)), "a sample, not the first N"
+    np.testing.assert_array_equal(ids, train_sae.eval_contexts(cfg.seed, 1000, 64))
+    assert not np.array_equal(ids, train_sae.eval_contexts(cfg.seed + 1, 1000, 64))
+    # trials of a sweep differ in SaeConfig fields only: the same eval contexts
+    lm = store.load_lm(cfg.out)
+    sets = [train_sae.EvalSet(make_cfg(cfg.out, **kw), lm, torch.device("cpu"), 512)
+            for kw in ({}, {"l1_coeff": 1e-2, "lr": 1e-4}, {"n_features": 1024})]
+    assert not np.array_equal(sets[0].ctx, np.arange(EVAL_CTX))
+    for other in sets[1:]:
+        np.testing.assert_array_equal(other.ctx, sets[0].ctx)
+        assert torch.equal(other.acts, sets[0].acts)
+    history = json.loads(open(os.path.join(straight["workdir"], "history.json")).read())
+    assert history[0]["eval_tokens"] == EVAL_CTX * T
 
 
 def test_export_round_trips_and_sae_lens_layout(straight):
