@@ -404,14 +404,19 @@ def run(cfg: Config) -> dict:
     todo = [(f, n) for f, n in chunks if f not in done]
     check_disk(cfg, sum(n for _, n in todo) * a.tokens_per_context, cfg.lm.d_mlp)
     stats = {"shards_written": 0, "rows_written": 0, "seconds": 0.0}
-    if not todo and store.exists(store.Layout(cfg.out).acts_manifest):
-        stats = store.acts_manifest(cfg.out).get("last_run", stats)  # a no-op rerun
+    old = (store.acts_manifest(cfg.out) if store.exists(store.Layout(cfg.out).acts_manifest)
+           else {})
+    if not todo and old:
+        stats = old.get("last_run", stats)  # a no-op rerun
+    # The Ray node that wrote each shard (this run's, else the run that wrote it before).
+    nodes = {f["first"]: f["node"] for f in old.get("files", []) if "node" in f}
     if todo:
         pool = _pool(cfg)  # may refuse: before anything is touched
         store.delete(store.Layout(cfg.out).acts_manifest)  # absent = unfinished
         stats = _collect(cfg, settings, todo, len(done), pool)
         _delete_temporaries(store.Layout(cfg.out).acts)  # of attempts that died mid-write
-    manifest = _manifest(cfg, settings, tm, chunks) | {"last_run": stats}
+        nodes |= {int(f): n for f, n in stats.get("node_per_shard", {}).items()}
+    manifest = _manifest(cfg, settings, tm, chunks, nodes) | {"last_run": stats}
     store.write_json(store.Layout(cfg.out).acts_manifest, manifest)  # last: marks done
     logger.info("activations: %d rows (%d contexts x %d) in %d shards, %.1f MB, %s",
                 manifest["rows"], n_ctx, a.tokens_per_context, len(chunks),
@@ -457,12 +462,13 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
 def _progress(ds, total_rows: int) -> dict:
     """Drain the summaries: a tqdm bar (on a terminal), a log line every ~10 s; -> stats."""
     start = last = time.perf_counter()
-    rows, nodes, first = 0, {}, None
+    rows, nodes, first, where = 0, {}, None, {}
     with tqdm(total=total_rows, unit="vec", unit_scale=True, desc="activations",
               disable=None) as bar:
         for row in ds.iter_rows():
             rows += int(row["rows"])
             nodes[str(row["node"])] = nodes.get(str(row["node"]), 0) + 1
+            where[str(int(row["first"]))] = str(row["node"])
             first = first or (time.perf_counter() - start, rows)  # actor start-up included
             bar.update(int(row["rows"]))
             now = time.perf_counter()
@@ -477,10 +483,12 @@ def _progress(ds, total_rows: int) -> dict:
     steady = (rows - first[1]) / (elapsed - first[0]) if first and elapsed > first[0] else None
     return {"shards_written": sum(nodes.values()), "rows_written": rows, "seconds": elapsed,
             "vectors_per_s": rows / max(elapsed, 1e-9), "first_shard_s": first and first[0],
-            "steady_vectors_per_s": steady, "shards_per_node": nodes}
+            "steady_vectors_per_s": steady, "shards_per_node": nodes,
+            "node_per_shard": where}
 
 
-def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int]]) -> dict:
+def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int]],
+              nodes: dict[int, str] | None = None) -> dict:
     acts_dir = store.Layout(cfg.out).acts
     files, P = [], cfg.acts.tokens_per_context
     for f, n in chunks:
@@ -490,7 +498,8 @@ def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int
             raise RuntimeError(f"shard {name} has {info['rows']} rows (expected {n * P}) or "
                                f"another LM: collection did not complete")
         files.append({"name": name, "first": f, "contexts": n, "rows": info["rows"],
-                      "bytes": info["bytes"]})
+                      "bytes": info["bytes"]} | ({"node": nodes[f]} if f in (nodes or {})
+                                                 else {}))
     rows = sum(f["rows"] for f in files)
     return {
         "format": "mono.acts/1",

@@ -162,7 +162,8 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
                 setup["s"] = _setup_s(metrics, start, time.perf_counter() - t_enter,
                                       trial_cfg.sae.batch_size)
             result = {**metrics, "setup_s": setup["s"],
-                      "log10_density": _log10_density(checkpoint_dir)}
+                      "log10_density": _log10_density(checkpoint_dir),
+                      "node": ray.get_runtime_context().get_node_id()}  # where it ran
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
         train_sae.train(trial_cfg, workdir, source=source, resume_from=resume,
@@ -331,7 +332,8 @@ def _trial_entry(exp: str, name: str) -> dict:
     last = json.loads(lines[-1]) if lines else {}
     entry = {"name": name, "trial_id": last.get("trial_id", "_".join(name.split("_")[-2:])),
              "l1_coeff": params["l1_coeff"], "lr": params["lr"], "dir": d,
-             "reports": len(lines), "last_report": _metrics_only(last)}
+             "reports": len(lines), "last_report": _metrics_only(last),
+             "node": last.get("node")}  # the Ray node id of the trial's last report
     done = all(store.exists(store.join(d, train_sae.EXPORT, f))
                for f in ("cfg.json", train_sae.SAE_WEIGHTS)) and store.exists(
         store.join(d, train_sae.METRICS))
