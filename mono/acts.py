@@ -194,6 +194,11 @@ class Collector:
                  fail_once: str = "", fail_mode: str = "raise"):
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            # A Ray GPU without CUDA behind it (Ray's fake multi-node GPUs, a driverless
+            # node): the device comes from torch, not from the Ray resource.
+            logger.warning("actor holds a Ray GPU but torch sees no CUDA device: using CPU")
+            device = "cpu"
         self.out, self.s, self.device = out, settings, device
         self.fail_once, self.fail_mode = fail_once, fail_mode
         self.lm = store.load_lm(out, device=device)

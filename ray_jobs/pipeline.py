@@ -25,6 +25,11 @@ import time
 import pyarrow.fs as pafs
 import ray
 
+# Before ray.init: in a `ray job submit` driver, torch imported after ray.init (as the lazily
+# imported stages would) dies with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"
+# (seen on Ray 2.60's fake multi-node cluster, tests/test_autoscale.py).
+import torch  # noqa: F401
+
 from mono import cli, store
 
 SECTIONS = ("tokens", "lm", "train_lm", "acts", "sae", "sweep", "analysis")

@@ -104,6 +104,22 @@ def ray_local(s3_server):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_reference(ray_local, tmp_path_factory):
+    """The tiny pipeline run once on this one node with a local --out: what the object-
+    storage and autoscaling tests compare their runs against. -> (out dir, corpus path)."""
+    from test_pipeline import _corpus
+
+    from ray_jobs import pipeline
+
+    root = tmp_path_factory.mktemp("tiny-reference")
+    corpus = _corpus(root / "corpus.txt")
+    results = pipeline.main(["--preset", "tiny", "--out", str(root / "run"),
+                             "--corpus", str(corpus)])
+    assert all(r["ran"] for r in results), results
+    return str(root / "run"), corpus
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     import random

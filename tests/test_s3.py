@@ -20,7 +20,6 @@ import json
 import time
 
 import pytest
-from test_pipeline import _corpus
 
 from mono import store
 from mono.config import Config
@@ -152,71 +151,102 @@ def _untimed(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not any(t in k for t in TIMING_KEYS)}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_tiny_pipeline_on_s3_equals_the_local_run_and_resumes(ray_local, s3, tmp_path):
-    from mono import acts, sweep
-    from ray_jobs import pipeline
+def _close_acts(a: bytes, b: bytes, name: str) -> None:
+    """Two activation shards with the same rows (ctx, pos, token) and activations equal to
+    fp16 rounding; prints what differs."""
+    import io
 
-    corpus = _corpus(tmp_path / "corpus.txt")
-    local, remote = str(tmp_path / "run"), f"s3://{s3.bucket()}/run"
-    walls = {}
-    for out in (local, remote):
-        t0 = time.perf_counter()
-        results = pipeline.main(["--preset", "tiny", "--out", out, "--corpus", str(corpus)])
-        walls[out] = time.perf_counter() - t0
-        assert all(r["ran"] for r in results), results
+    import numpy as np
+    import pyarrow.parquet as pq
 
-    # Deterministic artifacts: byte for byte.
+    ta, tb = (pq.read_table(io.BytesIO(x)) for x in (a, b))
+    xa, xb = (store.table_acts(t, float32=True) for t in (ta, tb))
+    assert all(np.array_equal(u, v) for u, v in zip(xa[:3], xb[:3])), name
+    diff = np.abs(xa[3] - xb[3])
+    ma, mb = ta.schema.metadata or {}, tb.schema.metadata or {}
+    keys = sorted(k for k in ma.keys() | mb.keys() if ma.get(k) != mb.get(k))
+    print(f"{name}: max |acts diff| {diff.max():.3g}, {(diff > 0).mean():.2%} of values; "
+          f"metadata differing: {[(k, ma.get(k), mb.get(k)) for k in keys]}")
+    assert np.allclose(xa[3], xb[3], rtol=2e-3, atol=1e-3), name
+
+
+def assert_same_artifacts(local: str, remote: str, exact_acts: bool = True) -> None:
+    """Run `remote` holds what run `local` holds (module docstring: what "same" means).
+    exact_acts=False: activations equal to fp16 rounding, and SAEs then trained on them
+    not compared bit for bit (tests/test_autoscale.py)."""
     for sub in ("tokens/train", "tokens/val", "acts"):
         a, b = _files(local, sub), _files(remote, sub)
         shards = {k for k in a if k.endswith(".parquet")}
         assert shards and shards == {k for k in b if k.endswith(".parquet")}, sub
-        assert all(a[k] == b[k] for k in shards), sub
-    lm_a, lm_b = _files(local, "lm"), _files(remote, "lm")
-    assert lm_a[store.LM_WEIGHTS] == lm_b[store.LM_WEIGHTS]
-    ignore = {"dir", "inputs", "last_run", "files", "corpus"}
+        differ = sorted(k for k in shards if a[k] != b[k])
+        if differ and sub == "acts" and not exact_acts:
+            for name in differ:
+                _close_acts(a[name], b[name], name)
+            differ = []
+        assert not differ, (sub, differ)
+    assert store.read_bytes(store.join(local, "lm", store.LM_WEIGHTS)) == \
+        store.read_bytes(store.join(remote, "lm", store.LM_WEIGHTS))
+    ignore = {"dir", "inputs", "last_run", "files", "corpus", "acts_config"}
     ma, mb = store.acts_manifest(local), store.acts_manifest(remote)
     assert {k: v for k, v in ma.items() if k not in ignore} == \
         {k: v for k, v in mb.items() if k not in ignore}
     assert [{k: v for k, v in f.items() if k != "node"} for f in ma["files"]] == \
         [{k: v for k, v in f.items() if k != "node"} for f in mb["files"]]
-    assert all(f["node"] == ray_local.get_runtime_context().get_node_id()
-               for f in mb["files"])   # one node here; tests/test_autoscale.py: workers
-
     # Sweep: the same SAEs and metrics per grid point.
     ta, tb = _trials(local), _trials(remote)
     assert ta.keys() == tb.keys() and len(ta) >= 2
     for point, a in ta.items():
         b = tb[point]
-        assert a["status"] == b["status"] == "done" and b["node"]
-        assert store.read_bytes(store.join(a["sae_dir"], "sae.safetensors")) == \
-            store.read_bytes(store.join(b["sae_dir"], "sae.safetensors")), point
-        assert _untimed(a["metrics"]) == _untimed(b["metrics"]), point
-
-    # Analysis pages live in the bucket, next to the tables they show.
+        assert a["status"] == b["status"] == "done" and b["node"], point
+        if exact_acts:
+            assert store.read_bytes(store.join(a["sae_dir"], "sae.safetensors")) == \
+                store.read_bytes(store.join(b["sae_dir"], "sae.safetensors")), point
+            assert _untimed(a["metrics"]) == _untimed(b["metrics"]), point
+    # Analysis: one trial's tables and pages.
     trial_a, trial_b = ({k.split("/")[0] for k in _files(o, "analysis")} for o in (local, remote))
     assert len(trial_a) == len(trial_b) == 1
     trial_a, trial_b = trial_a.pop(), trial_b.pop()
     fa, fb = _files(local, f"analysis/{trial_a}"), _files(remote, f"analysis/{trial_b}")
     assert "html/index.html" in fb and fa.keys() == fb.keys()
-    assert store.read_table(store.join(local, "analysis", trial_a, "features.parquet")).equals(
-        store.read_table(store.join(remote, "analysis", trial_b, "features.parquet")))
+    if exact_acts:
+        assert store.read_table(store.join(local, "analysis", trial_a, "features.parquet")
+                                ).equals(store.read_table(store.join(remote, "analysis",
+                                                                     trial_b, "features.parquet")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_pipeline_on_s3_equals_the_local_run_and_resumes(ray_local, s3, tiny_reference):
+    from mono import acts, sweep
+    from ray_jobs import pipeline
+
+    local, corpus = tiny_reference
+    remote = f"s3://{s3.bucket()}/run"
+    t0 = time.perf_counter()
+    results = pipeline.main(["--preset", "tiny", "--out", remote, "--corpus", str(corpus)])
+    wall = time.perf_counter() - t0
+    assert all(r["ran"] for r in results), results
+    assert_same_artifacts(local, remote)
+    # Analysis pages live in the bucket, next to the tables they show.
+    assert any(k.endswith("/html/index.html") for k in _files(remote, "analysis"))
+    ma = store.acts_manifest(remote)
+    assert all(f["node"] == ray_local.get_runtime_context().get_node_id()
+               for f in ma["files"])   # one node here; tests/test_autoscale.py: workers
 
     # A rerun resumes from the bucket: collection redoes only a lost shard, the sweep is
     # restored by Tuner.restore from the bucket and keeps its trials.
     cfg = Config.from_json(store.read_bytes(store.Layout(remote).cfg).decode())
     lost = ma["files"][-1]["name"]
     store.delete(store.join(remote, "acts", lost))
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     manifest = acts.run(cfg)
     assert manifest["last_run"]["shards_written"] == 1
     assert list(manifest["last_run"]["node_per_shard"]) == [str(ma["files"][-1]["first"])]
     assert store.read_bytes(store.join(remote, "acts", lost)) == _files(local, "acts")[lost]
+    before = _trials(remote)
     summary = sweep.run(cfg)
-    walls["rerun"] = time.perf_counter() - t0
+    rerun = time.perf_counter() - t1
     assert summary["restored"] is True
     assert {(t["l1_coeff"], t["lr"]): t["sae_dir"] for t in summary["trials"]} == \
-        {p: t["sae_dir"] for p, t in tb.items()}
-    print(f"tiny pipeline: local {walls[local]:.1f} s, s3 {walls[remote]:.1f} s; rerun acts + "
-          f"sweep {walls['rerun']:.1f} s")
+        {p: t["sae_dir"] for p, t in before.items()}
+    print(f"tiny pipeline on s3: {wall:.1f} s; rerun acts + sweep {rerun:.1f} s")
