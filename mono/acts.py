@@ -58,7 +58,7 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm import tqdm
 
-from mono import store
+from mono import cluster, store
 from mono.config import Config
 from mono.lm import Lm
 
@@ -386,10 +386,14 @@ def _pool(cfg: Config) -> tuple[int, dict]:
     a, res = cfg.acts, ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     if a.use_gpu:
+        # One actor per GPU the cluster can scale to (mono.cluster: the autoscaler's node
+        # types x max_workers), --max_actors as a cap; all requested at once.
+        gpus = cluster.check_gpus("--acts.use_gpu")
         if not any(n.get("GPU", 0) >= 1 and n.get("CPU", 0) >= a.cpus_per_actor for n in nodes):
             logger.warning("no node has 1 GPU + %d CPUs (acts.cpus_per_actor) yet: collection "
                            "waits for the autoscaler", a.cpus_per_actor)
-        n = a.max_actors or max(1, int(res.get("GPU", 0)))
+        n = max(1, gpus)
+        n = min(n, a.max_actors) if a.max_actors else n
         return n, {"num_gpus": 1, "num_cpus": a.cpus_per_actor}
     largest = max((n.get("CPU", 0) for n in nodes), default=0)
     if a.cpus_per_actor > largest:
@@ -418,7 +422,14 @@ def run(cfg: Config) -> dict:
     if todo:
         pool = _pool(cfg)  # may refuse: before anything is touched
         store.delete(store.Layout(cfg.out).acts_manifest)  # absent = unfinished
-        stats = _collect(cfg, settings, todo, len(done), pool)
+        n_actors, resources = pool
+        if a.use_gpu:  # boot the pool's GPU nodes in parallel, not one scale-up at a time
+            cluster.request([{"GPU": 1, "CPU": a.cpus_per_actor}] * min(n_actors, len(todo)))
+        try:
+            stats = _collect(cfg, settings, todo, len(done), pool)
+        finally:
+            if a.use_gpu:
+                cluster.release()  # so idle GPU nodes can be removed
         _delete_temporaries(store.Layout(cfg.out).acts)  # of attempts that died mid-write
         nodes |= {int(f): n for f, n in stats.get("node_per_shard", {}).items()}
     manifest = _manifest(cfg, settings, tm, chunks, nodes) | {"last_run": stats}

@@ -133,4 +133,11 @@ def parse(argv: list[str] | None, prog: str, description: str,
         raise  # unreachable: parser.error exits
     if init is not None:
         init()
+        from mono import cluster
+        from mono.errors import UserError
+
+        try:  # needs Ray: how many nodes there are or may be
+            cluster.check_local_out(cfg.out)
+        except UserError as err:
+            parser.error(str(err))
     return cfg

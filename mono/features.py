@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mono import pages, reader, store
+from mono import cluster, pages, reader, store
 from mono.config import Config
 from mono.sae import SparseAutoencoder
 from mono.tokens import gpt2
@@ -527,7 +527,8 @@ def run(cfg: Config) -> dict:
                          f"SAE in {sae_dir} d_in={sae.d_in}")
     logger.info("analysis: %s (%s), %d features", trial, how, sae.n_features)
     pieces = plan_pieces(shards, a.max_rows)
-    n_tasks = a.n_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Sized from what the cluster can scale to (mono.cluster), not from the CPUs up now.
+    n_tasks = a.n_tasks or 2 * max(1, int(cluster.capacity().get("CPU", 1)))
     groups = split_tasks(pieces, n_tasks)
     sae_ref = ray.put({k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()})
     t_scan = time.perf_counter()

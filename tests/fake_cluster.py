@@ -141,11 +141,18 @@ class FakeCluster:
             try:
                 with urllib.request.urlopen(f"{self.url}/api/version", timeout=2) as r:
                     if json.load(r).get("ray_version"):
-                        threading.Thread(target=self._watch, daemon=True).start()
-                        return self
+                        break
             except OSError:
                 pass
             time.sleep(0.5)
+        if self.proc.poll() is None and time.monotonic() < deadline:
+            # What cluster.yaml's head start commands do: publish the node types, so jobs
+            # size their pools from what the cluster can scale to (mono.cluster).
+            env = self.env | {"RAY_ADDRESS": f"127.0.0.1:{self.gcs}", "PYTHONPATH": str(ROOT)}
+            subprocess.run([sys.executable, "-m", "mono.cluster", "publish", str(cfg)],
+                           env=env, check=True, capture_output=True, timeout=120)
+            threading.Thread(target=self._watch, daemon=True).start()
+            return self
         self.stop()
         raise RuntimeError(f"fake cluster head not ready (exit {self.proc.poll()}):\n"
                            + self.head_log()[-3000:])

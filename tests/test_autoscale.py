@@ -49,6 +49,10 @@ def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference)
 
     gpu = cluster.gpu_nodes()
     assert gpu and all(n["t"] > cluster.t_submit for n in gpu.values()), cluster.seen
+    # The pool was sized from what the cluster can scale to (2 GPU workers), not from the 0
+    # GPUs at submit, and both GPU nodes were requested at once.
+    assert "collection: 5 shards to do (0 already done), 2 actor(s)" in logs, logs[-3000:]
+    assert len(gpu) == 2, gpu
     shards = store.acts_manifest(remote)["files"]
     assert {f["node"] for f in shards} <= set(gpu), (shards, gpu)
     trials = store.read_json(store.join(remote, "sweep", "sweep", "trials.json"))["trials"]

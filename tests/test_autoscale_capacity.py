@@ -1,0 +1,57 @@
+"""mono.cluster without a cluster: capacity from published node types, the local --out
+refusal, and a GPU stage on a cluster that can never have a GPU (fast; one local Ray)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mono import acts, cluster
+from mono.config import PRESETS
+from mono.errors import BadOutput, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def published(ray_local):
+    """cluster.yaml's node types published in the session's Ray, removed afterwards (other
+    tests size their pools from capacity())."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    cluster.publish(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    yield
+    _internal_kv_del(cluster.KV_KEY, namespace=cluster.KV_NAMESPACE)
+
+
+def test_capacity_is_what_runs_without_node_types(ray_local):
+    assert cluster.node_types() is None and not cluster.can_scale()
+    assert cluster.capacity() == {k: float(v) for k, v in ray_local.cluster_resources().items()}
+    assert not cluster.multi_node()
+    cluster.check_local_out("/tmp/run")   # one node: a local --out is fine
+
+
+def test_capacity_counts_every_worker_type_at_max_workers(published, ray_local):
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = raw["available_node_types"]
+    cap = cluster.capacity()
+    gpus = sum(t["resources"]["GPU"] * t["max_workers"] for n, t in types.items()
+               if n != raw["head_node_type"])
+    assert gpus > 0 and cap["GPU"] == gpus
+    cpus = sum(t["resources"]["CPU"] * t["max_workers"] for n, t in types.items()
+               if n != raw["head_node_type"]) + types[raw["head_node_type"]]["resources"]["CPU"]
+    assert cap["CPU"] == max(cpus, ray_local.cluster_resources()["CPU"])
+    assert cluster.can_scale() and cluster.multi_node()
+    with pytest.raises(BadOutput, match=r"--out /tmp/run is a local path.*s3://BUCKET/PREFIX "
+                                        r"or gs://BUCKET/PREFIX"):
+        cluster.check_local_out("/tmp/run")
+    cluster.check_local_out("s3://bucket/run")
+
+
+def test_gpu_collection_without_any_gpu_capacity_is_refused(ray_local):
+    cfg = dataclasses.replace(PRESETS["tiny"], acts=dataclasses.replace(
+        PRESETS["tiny"].acts, use_gpu=True))
+    with pytest.raises(UserError, match="--acts.use_gpu: this Ray cluster has no GPU, and no "
+                                        "autoscaler node types are published"):
+        acts._pool(cfg)
