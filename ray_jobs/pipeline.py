@@ -2,8 +2,8 @@
 
     python -m ray_jobs.pipeline                       # demo preset into runs/demo, offline
     python -m ray_jobs.pipeline --preset tiny --out runs/tiny --corpus notes.txt
-    ray job submit --working-dir . -- python -m ray_jobs.pipeline --preset paper \
-        --out s3://BUCKET/mono/paper
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.pipeline --preset paper --out s3://BUCKET/mono/paper
 
 Takes every stage's flags. A bare --<field> means the first section, in pipeline order
 (tokens, lm, train_lm, acts, sae, sweep, analysis), that has it: --lr is the LM's learning

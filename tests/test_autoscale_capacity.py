@@ -55,3 +55,25 @@ def test_gpu_collection_without_any_gpu_capacity_is_refused(ray_local):
     with pytest.raises(UserError, match="--acts.use_gpu: this Ray cluster has no GPU, and no "
                                         "autoscaler node types are published"):
         acts._pool(cfg)
+
+
+def test_the_fake_cluster_has_cluster_yamls_node_types():
+    from fake_cluster import FAKE_HEAD, autoscaling_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    fake = autoscaling_config(6399, {"gpu_worker": 2, "cpu_worker": 1})
+    real_types, fake_types = raw["available_node_types"], fake["available_node_types"]
+    head = raw["head_node_type"]
+    assert set(real_types) - {head} == set(fake_types) - {FAKE_HEAD}
+    # The head offers nothing to tasks in both; GPUs only on the same worker types.
+    assert real_types[head]["resources"] == fake_types[FAKE_HEAD]["resources"] == \
+        {"CPU": 0, "GPU": 0}
+    for name in set(real_types) - {head}:
+        assert (real_types[name]["resources"]["GPU"] > 0) == \
+            (fake_types[name]["resources"]["GPU"] > 0), name
+        assert real_types[name]["min_workers"] == fake_types[name]["min_workers"] == 0, name
+    # Workers reach the bucket; the head publishes the node types the jobs size pools from.
+    for name in set(real_types) - {head}:
+        assert "IamInstanceProfile" in real_types[name]["node_config"], name
+    assert any("mono.cluster publish ~/ray_bootstrap_config.yaml" in c
+               for c in raw["head_start_ray_commands"])
