@@ -3,12 +3,20 @@ has no CPUs and no GPUs and whose GPU and CPU workers start at zero (Ray's fake 
 provider, cluster.yaml's node types: tests/fake_cluster.py), with --out on the localhost S3
 server (the job gets the endpoint and credentials through its runtime_env).
 
-Asserts: no GPU node before the job, GPU workers launched on demand; every activation shard
-(node per shard in the acts manifest) and every SAE trial (node per trial in trials.json)
-ran on a GPU worker; the artifacts equal the one-node run's (`tiny_reference`, the same
-definition of "same" as tests/test_s3.py); idle workers are removed afterwards.
+Asserts: no GPU node before the job; the collection pool was sized from what the cluster
+can scale to (2 GPU workers, published node types: mono.cluster), not from the 0 GPUs at
+submit, and both GPU workers were launched on demand; every activation shard (node per
+shard in the acts manifest) and every SAE trial (node per trial in trials.json) ran on a
+GPU worker; idle workers are removed afterwards; the artifacts equal the one-node run's
+(`tiny_reference`): token shards byte for byte, LM weights to float32 rounding and
+activations (same rows) to fp16 rounding, every grid point's SAE trained. Not bit for bit
+(measured: LM weights differ in the last float32 bits, activations by <= 2.4e-4 in 0.03% of
+values): the job's processes run torch with other thread counts than the pytest process
+of the one-node run (Ray sizes a process's threads from its CPU reservation), which sums
+the CPU matmuls in another order; --acts.threads_per_actor 1 matches the actors' count.
 """
 
+import re
 import time
 
 import pytest
@@ -51,7 +59,8 @@ def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference)
     assert gpu and all(n["t"] > cluster.t_submit for n in gpu.values()), cluster.seen
     # The pool was sized from what the cluster can scale to (2 GPU workers), not from the 0
     # GPUs at submit, and both GPU nodes were requested at once.
-    assert "collection: 5 shards to do (0 already done), 2 actor(s)" in logs, logs[-3000:]
+    assert re.search(r"collection: \d+ shards to do \(0 already done\), 2 actor\(s\)", logs), \
+        logs[-3000:]
     assert len(gpu) == 2, gpu
     shards = store.acts_manifest(remote)["files"]
     assert {f["node"] for f in shards} <= set(gpu), (shards, gpu)
