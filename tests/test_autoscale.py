@@ -3,17 +3,19 @@ has no CPUs and no GPUs and whose GPU and CPU workers start at zero (Ray's fake 
 provider, cluster.yaml's node types: tests/fake_cluster.py), with --out on the localhost S3
 server (the job gets the endpoint and credentials through its runtime_env).
 
-Asserts: no GPU node before the job; the collection pool was sized from what the cluster
-can scale to (2 GPU workers, published node types: mono.cluster), not from the 0 GPUs at
-submit, and both GPU workers were launched on demand; every activation shard (node per
-shard in the acts manifest) and every SAE trial (node per trial in trials.json) ran on a
-GPU worker; idle workers are removed afterwards; the artifacts equal the one-node run's
+Asserts: no GPU node before the job; the collection pool was sized from what the cluster can
+scale to (2 GPU workers, published node types: mono.cluster), not from the 0 GPUs at submit,
+and both GPU workers were launched on demand; every activation shard (node per shard in the
+acts manifest) and every SAE trial (node per trial in trials.json) ran on a GPU worker; one
+collection actor on a GPU worker that dies mid-write (MONO_TEST_FAIL_MODE =exit: its process
+exits after leaving half a shard) costs nothing: no temporary object is left and every shard
+is complete; idle workers are removed afterwards; the artifacts equal the one-node run's
 (`tiny_reference`): token shards byte for byte, LM weights to float32 rounding and
 activations (same rows) to fp16 rounding, every grid point's SAE trained. Not bit for bit
 (measured: LM weights differ in the last float32 bits, activations by <= 2.4e-4 in 0.03% of
-values): the job's processes run torch with other thread counts than the pytest process
-of the one-node run (Ray sizes a process's threads from its CPU reservation), which sums
-the CPU matmuls in another order; --acts.threads_per_actor 1 matches the actors' count.
+values): the job's processes run torch with other thread counts than the pytest process of
+the one-node run (Ray sizes a process's threads from its CPU reservation), which sums the
+CPU matmuls in another order; --acts.threads_per_actor 1 matches the actors' count.
 """
 
 import re
@@ -23,7 +25,7 @@ import pytest
 from fake_cluster import FakeCluster, can_run
 from test_s3 import assert_same_artifacts
 
-from mono import store
+from mono import acts, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -40,12 +42,15 @@ def cluster():
         c.stop()
 
 
-def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference):
+def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference, tmp_path):
     local, corpus = tiny_reference
     remote = f"s3://{s3.bucket()}/run"
     assert not cluster.gpu_nodes(), "GPU nodes before any demand"
     env = s3.env | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+                    # One collection actor on a GPU worker dies mid-write (its process
+                    # exits, leaving half a shard): the output must still be complete.
+                    acts.FAIL_ONCE_ENV: str(tmp_path), acts.FAIL_MODE_ENV: "exit"}
     job = ["python", "-m", "ray_jobs.pipeline", "--preset", "tiny", "--out", remote,
            "--corpus", str(corpus), "--acts.use_gpu", "true", "--sweep.gpus_per_trial", "1",
            # The one-node run's actors had 1 torch thread each; a GPU actor's default is
@@ -62,7 +67,9 @@ def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference)
     assert re.search(r"collection: \d+ shards to do \(0 already done\), 2 actor\(s\)", logs), \
         logs[-3000:]
     assert len(gpu) == 2, gpu
+    assert (tmp_path / "failed").exists(), "the injected actor death did not happen"
     shards = store.acts_manifest(remote)["files"]
+    assert not [k for k in s3.keys(remote.split("/")[2], "run/acts/") if ".tmp-" in k]
     assert {f["node"] for f in shards} <= set(gpu), (shards, gpu)
     trials = store.read_json(store.join(remote, "sweep", "sweep", "trials.json"))["trials"]
     assert {t["node"] for t in trials} <= set(gpu), (trials, gpu)
