@@ -327,6 +327,8 @@ def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: di
     batch_rows, seed, device. Returns a TopStats or an IntervalStats (on the CPU).
     """
     device = params.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():  # a Ray GPU without CUDA behind it
+        device = "cpu"
     H, F = sae_state["W_enc"].shape
     sae = SparseAutoencoder(H, F, l1_coeff=0.0)
     sae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sae_state.items()})
@@ -517,6 +519,8 @@ def run(cfg: Config) -> dict:
     """Analyse one trial's SAE into <out>/analysis/<trial>/ (module doc); -> summary dict
     (with "index": the feature browser's index.html)."""
     a, t0 = cfg.analysis, time.perf_counter()
+    if a.use_gpu:
+        cluster.check_gpus("--analysis.use_gpu")  # not a wait for a GPU that never comes
     trial, sae_dir, how = resolve_trial(cfg)
     sae, _ = load_sae(sae_dir)
     shards = reader.shard_list(cfg.out)

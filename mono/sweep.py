@@ -52,7 +52,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import pages, resample, store, train_sae
+from mono import cluster, pages, resample, store, train_sae
 from mono.config import Config
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,8 @@ def run(cfg: Config) -> dict:
     {"experiment", "trials_json", "report", "trials", "restored", "wall_s"}; raises
     RuntimeError after writing them if a trial did not finish (rerun to resume it)."""
     t0 = time.perf_counter()
+    if cfg.sweep.gpus_per_trial > 0:
+        cluster.check_gpus("--sweep.gpus_per_trial")  # trials would wait forever otherwise
     if cfg.sweep.gpus_per_trial == 0 and cfg.sae.device == "auto":
         cfg = replace(cfg, sae=replace(cfg.sae, device="cpu"))
     checked = check_inputs(cfg)

@@ -77,3 +77,21 @@ def test_the_fake_cluster_has_cluster_yamls_node_types():
         assert "IamInstanceProfile" in real_types[name]["node_config"], name
     assert any("mono.cluster publish ~/ray_bootstrap_config.yaml" in c
                for c in raw["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("stage, section, change, flag", [
+    ("sweep", "sweep", {"gpus_per_trial": 1.0}, "--sweep.gpus_per_trial"),
+    ("train_lm", "train_lm", {"use_gpu": True, "num_workers": 1}, "--train_lm.use_gpu"),
+    ("features", "analysis", {"use_gpu": True}, "--analysis.use_gpu"),
+])
+def test_gpu_stages_without_any_gpu_capacity_are_refused_at_once(ray_local, tmp_path, stage,
+                                                                  section, change, flag):
+    """Before reading any input: the run dir here is empty."""
+    import importlib
+
+    tiny = PRESETS["tiny"]
+    cfg = dataclasses.replace(tiny, out=str(tmp_path / "run"), **{
+        section: dataclasses.replace(getattr(tiny, section), **change)})
+    with pytest.raises(UserError, match=f"{flag}: this Ray cluster has no GPU"):
+        importlib.import_module(f"mono.{stage}").run(cfg)
+    assert not (tmp_path / "run").exists()
