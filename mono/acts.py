@@ -58,7 +58,7 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm import tqdm
 
-from mono import store
+from mono import cluster, store
 from mono.config import Config
 from mono.errors import BadOutput, MissingInput, UserError
 from mono.lm import Lm
@@ -195,6 +195,11 @@ class Collector:
                  fail_once: str = "", fail_mode: str = "raise"):
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            # A Ray GPU without CUDA behind it (Ray's fake multi-node GPUs, a driverless
+            # node): the device comes from torch, not from the Ray resource.
+            logger.warning("actor holds a Ray GPU but torch sees no CUDA device: using CPU")
+            device = "cpu"
         self.out, self.s, self.device = out, settings, device
         self.fail_once, self.fail_mode = fail_once, fail_mode
         self.lm = store.load_lm(out, device=device)
@@ -382,10 +387,14 @@ def _pool(cfg: Config) -> tuple[int, dict]:
     a, res = cfg.acts, ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     if a.use_gpu:
+        # One actor per GPU the cluster can scale to (mono.cluster: the autoscaler's node
+        # types x max_workers), --max_actors as a cap; all requested at once.
+        gpus = cluster.check_gpus("--acts.use_gpu")
         if not any(n.get("GPU", 0) >= 1 and n.get("CPU", 0) >= a.cpus_per_actor for n in nodes):
             logger.warning("no node has 1 GPU + %d CPUs (acts.cpus_per_actor) yet: collection "
                            "waits for the autoscaler", a.cpus_per_actor)
-        n = a.max_actors or max(1, int(res.get("GPU", 0)))
+        n = max(1, gpus)
+        n = min(n, a.max_actors) if a.max_actors else n
         return n, {"num_gpus": 1, "num_cpus": a.cpus_per_actor}
     largest = max((n.get("CPU", 0) for n in nodes), default=0)
     if a.cpus_per_actor > largest:
@@ -411,14 +420,26 @@ def run(cfg: Config) -> dict:
     todo = [(f, n) for f, n in chunks if f not in done]
     check_disk(cfg, sum(n for _, n in todo) * a.tokens_per_context, cfg.lm.d_mlp)
     stats = {"shards_written": 0, "rows_written": 0, "seconds": 0.0}
-    if not todo and store.exists(store.Layout(cfg.out).acts_manifest):
-        stats = store.acts_manifest(cfg.out).get("last_run", stats)  # a no-op rerun
+    old = (store.acts_manifest(cfg.out) if store.exists(store.Layout(cfg.out).acts_manifest)
+           else {})
+    if not todo and old:
+        stats = old.get("last_run", stats)  # a no-op rerun
+    # The Ray node that wrote each shard (this run's, else the run that wrote it before).
+    nodes = {f["first"]: f["node"] for f in old.get("files", []) if "node" in f}
     if todo:
         pool = _pool(cfg)  # may refuse: before anything is touched
         store.delete(store.Layout(cfg.out).acts_manifest)  # absent = unfinished
-        stats = _collect(cfg, settings, todo, len(done), pool)
+        n_actors, resources = pool
+        if a.use_gpu:  # boot the pool's GPU nodes in parallel, not one scale-up at a time
+            cluster.request([{"GPU": 1, "CPU": a.cpus_per_actor}] * min(n_actors, len(todo)))
+        try:
+            stats = _collect(cfg, settings, todo, len(done), pool)
+        finally:
+            if a.use_gpu:
+                cluster.release()  # so idle GPU nodes can be removed
         _delete_temporaries(store.Layout(cfg.out).acts)  # of attempts that died mid-write
-    manifest = _manifest(cfg, settings, tm, chunks) | {"last_run": stats}
+        nodes |= {int(f): n for f, n in stats.get("node_per_shard", {}).items()}
+    manifest = _manifest(cfg, settings, tm, chunks, nodes) | {"last_run": stats}
     store.write_json(store.Layout(cfg.out).acts_manifest, manifest)  # last: marks done
     logger.info("activations: %d rows (%d contexts x %d) in %d shards, %.1f MB, %s",
                 manifest["rows"], n_ctx, a.tokens_per_context, len(chunks),
@@ -464,12 +485,13 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
 def _progress(ds, total_rows: int) -> dict:
     """Drain the summaries: a tqdm bar (on a terminal), a log line every ~10 s; -> stats."""
     start = last = time.perf_counter()
-    rows, nodes, first = 0, {}, None
+    rows, nodes, first, where = 0, {}, None, {}
     with tqdm(total=total_rows, unit="vec", unit_scale=True, desc="activations",
               disable=None) as bar:
         for row in ds.iter_rows():
             rows += int(row["rows"])
             nodes[str(row["node"])] = nodes.get(str(row["node"]), 0) + 1
+            where[str(int(row["first"]))] = str(row["node"])
             first = first or (time.perf_counter() - start, rows)  # actor start-up included
             bar.update(int(row["rows"]))
             now = time.perf_counter()
@@ -484,10 +506,12 @@ def _progress(ds, total_rows: int) -> dict:
     steady = (rows - first[1]) / (elapsed - first[0]) if first and elapsed > first[0] else None
     return {"shards_written": sum(nodes.values()), "rows_written": rows, "seconds": elapsed,
             "vectors_per_s": rows / max(elapsed, 1e-9), "first_shard_s": first and first[0],
-            "steady_vectors_per_s": steady, "shards_per_node": nodes}
+            "steady_vectors_per_s": steady, "shards_per_node": nodes,
+            "node_per_shard": where}
 
 
-def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int]]) -> dict:
+def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int]],
+              nodes: dict[int, str] | None = None) -> dict:
     acts_dir = store.Layout(cfg.out).acts
     files, P = [], cfg.acts.tokens_per_context
     for f, n in chunks:
@@ -497,7 +521,8 @@ def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int
             raise RuntimeError(f"shard {name} has {info['rows']} rows (expected {n * P}) or "
                                f"another LM: collection did not complete")
         files.append({"name": name, "first": f, "contexts": n, "rows": info["rows"],
-                      "bytes": info["bytes"]})
+                      "bytes": info["bytes"]} | ({"node": nodes[f]} if f in (nodes or {})
+                                                 else {}))
     rows = sum(f["rows"] for f in files)
     return {
         "format": "mono.acts/1",

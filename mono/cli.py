@@ -142,6 +142,13 @@ def parse(argv: list[str] | None, prog: str, description: str,
         if cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path:
             cfg = replace(cfg, sweep=replace(cfg.sweep,
                                              storage_path=os.path.abspath(cfg.sweep.storage_path)))
+        # A URI --out (or Tune storage) this process cannot write fails here, before Ray
+        # starts or any stage writes (store.check_remote; local dirs are checked by stages).
+        from mono import store
+
+        store.check_remote(cfg.out)
+        if cfg.sweep.storage_path:
+            store.check_remote(cfg.sweep.storage_path, "--sweep.storage_path")
     except (ValueError, TypeError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
@@ -150,6 +157,13 @@ def parse(argv: list[str] | None, prog: str, description: str,
         check(cfg)
     if init is not None:
         init()
+        from mono import cluster
+        from mono.errors import UserError
+
+        try:  # needs Ray: how many nodes there are or may be
+            cluster.check_local_out(cfg.out)
+        except UserError as err:
+            parser.error(str(err))
     return cfg
 
 

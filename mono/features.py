@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mono import pages, reader, store
+from mono import cluster, pages, reader, store
 from mono.acts import tokens_identity
 from mono.config import Config
 from mono.errors import MissingInput, UserError
@@ -336,6 +336,8 @@ def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: di
     batch_rows, seed, device. Returns a TopStats or an IntervalStats (on the CPU).
     """
     device = params.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():  # a Ray GPU without CUDA behind it
+        device = "cpu"
     H, F = sae_state["W_enc"].shape
     sae = SparseAutoencoder(H, F, l1_coeff=0.0)
     sae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sae_state.items()})
@@ -581,10 +583,13 @@ def run(cfg: Config) -> dict:
     """Analyse one trial's SAE into <out>/analysis/<trial>/ (module doc); -> summary dict
     (with "index": the feature browser's index.html)."""
     a, t0 = cfg.analysis, time.perf_counter()
+    if a.use_gpu:
+        cluster.check_gpus("--analysis.use_gpu")  # not a wait for a GPU that never comes
     trial, sae_dir, how, sae, shards, lm = check(cfg)
     logger.info("analysis: %s (%s), %d features", trial, how, sae.n_features)
     pieces = plan_pieces(shards, a.max_rows)
-    n_tasks = a.n_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Sized from what the cluster can scale to (mono.cluster), not from the CPUs up now.
+    n_tasks = a.n_tasks or 2 * max(1, int(cluster.capacity().get("CPU", 1)))
     groups = split_tasks(pieces, n_tasks)
     sae_ref = ray.put({k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()})
     t_scan = time.perf_counter()

@@ -45,6 +45,55 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def check_remote(uri: str, what: str = "--out") -> None:
+    """Raise BadOutput naming `uri` unless this process can write under it: the scheme has a
+    filesystem, the bucket exists and answers with these credentials, and a probe object
+    can be written and deleted under the prefix. Local paths are left to the caller.
+
+    Cheap (three requests) and side-effect free, so every job runs it on its driver before
+    ray.init: a typo'd bucket or a missing instance profile fails in a second, not after a
+    GPU node booted, and leaves nothing behind. It checks the driver's credentials; workers
+    get theirs from the node (cluster.yaml's instance profile) or the job's runtime_env.
+    """
+    from mono.errors import BadOutput
+
+    if not is_uri(uri):
+        return
+    hint = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an "
+            "instance profile; GOOGLE_APPLICATION_CREDENTIALS for gs://) and, for an "
+            "S3-compatible server, AWS_ENDPOINT_URL")
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
+        raise BadOutput(f"{what} {uri}: not a usable storage URI ({err}); use s3://BUCKET/"
+                        f"PREFIX or gs://BUCKET/PREFIX") from None
+    bucket, _, prefix = path.partition("/")
+    if not bucket:
+        raise BadOutput(f"{what} {uri}: no bucket in the URI; use s3://BUCKET/PREFIX")
+    scheme = uri.split("://", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise BadOutput(f"{what} {uri}: cannot reach bucket {scheme}://{bucket} ({err}); "
+                        f"{hint}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise BadOutput(f"{what} {uri}: bucket {scheme}://{bucket} does not exist (create it "
+                        f"first, e.g. `aws s3 mb {scheme}://{bucket}`)")
+    if prefix and fs.get_file_info(path).type == pafs.FileType.File:
+        raise BadOutput(f"{what} {uri} is an object, not a prefix: pick another --out")
+    # pyarrow keeps the parent of a deleted object existing: a check that passes leaves
+    # the empty marker `<prefix>/`, as the run's first write would; a refused one, nothing.
+    path = path.rstrip("/")
+    probe = f"{path}/.mono-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as err:
+        raise BadOutput(f"{what} {uri}: cannot write under this prefix ({err}); {hint}") \
+            from None
+
+
 def join(*parts: str) -> str:
     first, *rest = (str(p) for p in parts)
     return "/".join([first.rstrip("/"), *(p.strip("/") for p in rest)])

@@ -70,7 +70,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import pack, pages, resample, store, train_sae
+from mono import cluster, pack, pages, resample, store, train_sae
 from mono.config import Config
 from mono.errors import BadOutput, MissingInput, UserError
 
@@ -203,13 +203,14 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
         last_eval, setup = {}, {}
 
         def on_report(result: dict, checkpoint_dir: str | None) -> None:
-            if "loss_sae" in result:  # an eval step
+            if "L_sae" in result:  # an eval step
                 last_eval.clear()
                 last_eval.update(result)
                 if not setup:  # entry -> first training step, this attempt (see _setup_s)
                     setup["s"] = _setup_s(result, start, time.perf_counter() - t_enter,
                                           trial_cfg.sae.batch_size)
-            row = trial_result(result, last_eval) | ({"setup_s": setup["s"]} if setup else {})
+            row = trial_result(result, last_eval) | ({"setup_s": setup["s"]} if setup else {}) \
+                | {"node": ray.get_runtime_context().get_node_id()}  # where it ran
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
                         if checkpoint_dir else None)
 
@@ -238,7 +239,7 @@ def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
         last_eval: dict[str, dict] = {n: {} for n in p.runs}
 
         def on_report(member: str, result: dict, checkpoint_dir: str | None) -> None:
-            if "loss_sae" in result:
+            if "L_sae" in result:  # an eval step
                 last_eval[member] = result
             step = result["step"]
             pending.setdefault(step, {})[member] = (result, checkpoint_dir)
@@ -248,7 +249,7 @@ def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
             for old in [s for s in pending if s < step]:  # a lagging member's catch-up
                 del pending[old]
             row = pack_result({m: trial_result(r, last_eval[m]) for m, (r, _) in rows.items()},
-                              step)
+                              step) | {"node": ray.get_runtime_context().get_node_id()}
             paths = {m: c for m, (_, c) in rows.items() if c}
             if not paths:
                 tune.report(row)
@@ -413,6 +414,8 @@ def run(cfg: Config) -> dict:
     {"experiment", "trials_json", "report", "trials", "restored", "wall_s"}; raises
     RuntimeError after writing them if a trial did not finish (rerun to resume it)."""
     t0 = time.perf_counter()
+    if cfg.sweep.gpus_per_trial > 0:
+        cluster.check_gpus("--sweep.gpus_per_trial")  # trials would wait forever otherwise
     if cfg.sweep.gpus_per_trial == 0 and cfg.sae.device == "auto":
         cfg = replace(cfg, sae=replace(cfg.sae, device="cpu"))
     checked = check_inputs(cfg)
@@ -625,7 +628,8 @@ def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
     entry = {"name": name, "trial_id": last.get("trial_id", "_".join(name.split("_")[-2:])),
              "l1_coeff": params["l1_coeff"], "lr": params["lr"],
              "n_features": params.get("n_features"), "dir": d,
-             "reports": len(lines), "last_report": _metrics_only(last)}
+             "reports": len(lines), "last_report": _metrics_only(last),
+             "node": last.get("node")}  # the Ray node id of the trial's last report
     done = all(store.exists(store.join(d, train_sae.EXPORT, f))
                for f in ("cfg.json", train_sae.SAE_WEIGHTS)) and store.exists(
         store.join(d, train_sae.METRICS))

@@ -99,7 +99,7 @@ import ray
 import tiktoken
 import tiktoken.load
 
-from mono import store
+from mono import cluster, store
 from mono.config import Config, TokensConfig
 from mono.errors import MissingInput, UserError
 
@@ -575,7 +575,7 @@ def _windows(blocks: Iterator[pa.Table]) -> Iterator[list[pa.Table]]:
     or 256 MiB of text, which bounds the driver's memory. (Re-read per window: a cluster
     that autoscales gets wider windows.)"""
     while True:
-        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+        cpus = int(cluster.capacity().get("CPU", 1)) if ray.is_initialized() else 1
         window, nbytes = [], 0
         for block in itertools.islice(blocks, min(256, max(8, 4 * cpus))):
             window.append(block)

@@ -62,7 +62,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from torch import Tensor, nn
 
-from mono import store
+from mono import cluster, store
 from mono.config import Config, LmConfig, TrainLmConfig, from_dict
 from mono.errors import UserError
 from mono.lm import Lm
@@ -421,8 +421,13 @@ def run(cfg: Config) -> dict:
     Rerunning with the same out resumes from the latest checkpoint. Returns metrics.json:
     val_loss, unigram_entropy, unigram_xent, step, tokens, history.
     """
-    check_inputs(cfg)
     tc = cfg.train_lm
+    if tc.use_gpu and tc.num_workers:  # Ray Train would wait forever for missing GPUs
+        gpus = cluster.check_gpus("--train_lm.use_gpu")
+        if tc.num_workers > gpus:
+            raise UserError(f"--num_workers {tc.num_workers} with --use_gpu: this cluster can "
+                            f"scale to {gpus} GPU(s); pass --num_workers {gpus} or fewer")
+    check_inputs(cfg)
     if tc.num_workers == 0:
         train(cfg, device=torch.device("cuda" if tc.use_gpu else "cpu"))
         return store.read_lm_metrics(cfg.out)

@@ -628,11 +628,11 @@ def export(workdir: str, cfg: Config, sae: SparseAutoencoder, inputs: dict,
 
 
 def load_sae(sae_dir: str, device: str = "cpu") -> tuple[SparseAutoencoder, dict]:
-    """(SparseAutoencoder, its cfg.json dict) from an export dir (workdir/sae)."""
-    try:
-        with open(os.path.join(sae_dir, "cfg.json"), "rb") as fh:
-            info = json.loads(fh.read())
-        weights = safetensors.torch.load_file(os.path.join(sae_dir, SAE_WEIGHTS))
+    """(SparseAutoencoder, its cfg.json dict) from an export dir (workdir/sae), local or a
+    URI."""
+    try:  # through store: sae_dir may be a local path or an s3:// / gs:// URI
+        info = store.read_json(store.join(sae_dir, "cfg.json"))
+        weights = safetensors.torch.load(store.read_bytes(store.join(sae_dir, SAE_WEIGHTS)))
     except (OSError, ValueError, safetensors.SafetensorError) as err:
         raise UserError(f"unreadable SAE export {sae_dir}: {err}") from err
     sae = SparseAutoencoder(info["d_in"], info["n_features"], info["l1_coeff"], device=device)

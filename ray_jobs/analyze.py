@@ -2,8 +2,9 @@
 
     python -m ray_jobs.analyze --preset demo --out runs/demo
     python -m ray_jobs.analyze --preset demo --out runs/demo --trial runs/demo/sae_single/sae
-    ray job submit --working-dir . -- python -m ray_jobs.analyze --preset paper \
-        --out s3://BUCKET/mono/paper --max_rows 100000000
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.analyze --preset paper --out s3://BUCKET/mono/paper \
+        --max_rows 100000000
 
 --trial: a trial name of <out>/sweep/<name>/trials.json or an SAE export dir; by default the
 sweep's best loss_recovered_mean (vs mean ablation) among trials with L0 <= --target_l0

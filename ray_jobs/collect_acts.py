@@ -2,8 +2,9 @@
 
     python -m ray_jobs.collect_acts --preset demo --out runs/demo
     python -m ray_jobs.collect_acts --preset tiny --out runs/tiny --tokens_per_context 8
-    ray job submit --working-dir . -- python -m ray_jobs.collect_acts --preset paper \
-        --out s3://BUCKET/mono/paper --max_actors 8
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.collect_acts --preset paper --out s3://BUCKET/mono/paper \
+        --max_actors 4   # cluster.yaml caps GPU workers at 4
 
 Rerunning into the same --out resumes: finished shards are kept, the rest are written.
 Missing or corrupt token shards, a missing LM or one of another LmConfig (e.g. its d_mlp),

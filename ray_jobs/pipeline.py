@@ -3,8 +3,8 @@ splitting (when the sweep has >= 2 dictionary sizes, --sweep.n_features).
 
     python -m ray_jobs.pipeline                       # demo preset into runs/demo, offline
     python -m ray_jobs.pipeline --preset tiny --out runs/tiny --corpus notes.txt
-    ray job submit --working-dir . -- python -m ray_jobs.pipeline --preset paper \
-        --out s3://BUCKET/mono/paper
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.pipeline --preset paper --out s3://BUCKET/mono/paper
 
 Takes every stage's flags. A bare --<field> means the first section, in pipeline order
 (tokens, lm, train_lm, acts, sae, sweep, analysis, splitting), that has it: --lr is the LM's
@@ -31,6 +31,11 @@ import time
 
 import pyarrow.fs as pafs
 import ray
+
+# Before ray.init: in a `ray job submit` driver, torch imported after ray.init (as the lazily
+# imported stages would) dies with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"
+# (seen on Ray 2.60's fake multi-node cluster, tests/test_autoscale.py).
+import torch  # noqa: F401
 
 from mono import cli, store
 from mono.errors import UserError

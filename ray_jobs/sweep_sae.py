@@ -4,8 +4,9 @@
     python -m ray_jobs.sweep_sae --preset demo --out runs/demo --l1_coeff 1e-3 3e-3 1e-2 \
         --lr 3e-4 1e-3 --sae.n_steps 2000 --max_concurrent_trials 2
     python -m ray_jobs.sweep_sae --preset demo --out runs/demo --report-only
-    ray job submit --working-dir . -- python -m ray_jobs.sweep_sae --preset paper \
-        --out s3://BUCKET/mono/paper --gpus_per_trial 0.25 --wandb
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.sweep_sae --preset paper --out s3://BUCKET/mono/paper \
+        --gpus_per_trial 0.25 --wandb
 
 Bare --l1_coeff / --lr set the grid; --sae.<field> sets every trial's base (--sae.lr is
 then overridden by the grid). Writes <out>/sweep/<name>/ (or --storage_path/<name>): one

@@ -2,8 +2,9 @@
 
     python -m ray_jobs.tokenize_corpus --preset demo --out runs/demo
     python -m ray_jobs.tokenize_corpus --preset tiny --out runs/tiny --corpus 'notes/*.txt'
-    ray job submit --working-dir . -- python -m ray_jobs.tokenize_corpus --preset paper \
-        --out s3://BUCKET/mono/paper --corpus hf:Skylion007/openwebtext
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.tokenize_corpus --preset paper --out s3://BUCKET/mono/paper \
+        --corpus hf:Skylion007/openwebtext
 
 --corpus: '' (the embedded offline default), a text file (blank lines separate documents), a
 glob, a directory, a .parquet/.jsonl file with --text_column, or hf:NAME[:CONFIG].

@@ -2,8 +2,9 @@
 
     python -m ray_jobs.train_lm --preset demo --out runs/demo
     python -m ray_jobs.train_lm --preset tiny --out runs/tiny --max_iters 60
-    ray job submit --working-dir . -- python -m ray_jobs.train_lm --preset paper \
-        --out s3://BUCKET/mono/paper --num_workers 8 --use_gpu
+    ray job submit --working-dir . --entrypoint-num-cpus 1 -- \
+        python -m ray_jobs.train_lm --preset paper --out s3://BUCKET/mono/paper \
+        --num_workers 4 --use_gpu   # cluster.yaml caps GPU workers at 4
 
 Rerunning the same command resumes from the last checkpoint in <out>/lm. Missing token
 shards, contexts longer than --block_size, or an <out>/lm checkpoint of another LmConfig

@@ -1,0 +1,161 @@
+"""What the Ray cluster can scale to, for sizing the stages' pools; no stage logic.
+
+Reads (in the connected Ray cluster's GCS key-value store) the node types the autoscaler may
+launch: mono's own record, written on the head by `python -m mono.cluster publish
+~/ray_bootstrap_config.yaml` (cluster.yaml's head start commands; the job's driver runs on a
+worker, which has no copy of the autoscaler's config), else the ClusterConfig that Ray's
+autoscaler v2 and KubeRay report. Without either, the cluster is what runs now.
+
+`capacity()` -> {resource: the most the cluster can hold at once}: the live nodes' totals,
+or, with node types, the head plus every worker type at its max_workers (capped by the
+cluster's max_workers), whichever is larger. `multi_node()`: more than one node now or
+possible. `request(bundles)` asks the autoscaler for all of a pool's nodes at once
+(`ray.autoscaler.sdk.request_resources`) instead of one scale-up round per pending actor;
+`release()` withdraws that request so idle nodes can be removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+KV_NAMESPACE, KV_KEY = "mono", "autoscaler_node_types"
+
+
+def node_types_from_config(cfg: dict) -> dict:
+    """An autoscaler config (cluster.yaml / ray_bootstrap_config.yaml) -> the record
+    published: {"max_workers", "head": type name, "types": {name: {"resources",
+    "max_workers"}}}."""
+    types = {name: {"resources": dict(t.get("resources", {})),
+                    "max_workers": int(t.get("max_workers", 0))}
+             for name, t in cfg.get("available_node_types", {}).items()}
+    return {"max_workers": int(cfg.get("max_workers", sum(t["max_workers"]
+                                                          for t in types.values()))),
+            "head": cfg.get("head_node_type"), "types": types}
+
+
+def publish(cfg: dict) -> None:
+    """Store the node types of autoscaler config `cfg` in the connected cluster's GCS."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(KV_KEY, json.dumps(node_types_from_config(cfg)), overwrite=True,
+                     namespace=KV_NAMESPACE)
+
+
+def node_types() -> dict | None:
+    """The published record (publish), else one built from Ray's reported ClusterConfig,
+    else None."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+    if raw:
+        return json.loads(raw)
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # private API: absent or changed in another Ray
+        config = None
+    if config is None or not config.node_group_configs:
+        return None
+    types = {g.name or f"group{i}": {"resources": dict(g.resources),
+                                     "max_workers": max(int(g.max_count), 0)}
+             for i, g in enumerate(config.node_group_configs)}
+    return {"max_workers": sum(t["max_workers"] for t in types.values()), "head": None,
+            "types": types}
+
+
+def capacity() -> dict[str, float]:
+    """{resource: the most the cluster can hold at once} (module docstring)."""
+    live = {k: float(v) for k, v in ray.cluster_resources().items()}
+    record = node_types()
+    if not record:
+        return live
+    total: dict[str, float] = {}
+    budget = record["max_workers"]
+    head = record["types"].get(record["head"] or "", {"resources": {}})
+    for k, v in head["resources"].items():
+        total[k] = total.get(k, 0.0) + v
+    for name, t in record["types"].items():
+        if name == record["head"]:
+            continue
+        n = min(t["max_workers"], budget)
+        for k, v in t["resources"].items():
+            total[k] = total.get(k, 0.0) + n * v
+    return {k: max(live.get(k, 0.0), total.get(k, 0.0)) for k in live.keys() | total.keys()}
+
+
+def check_gpus(what: str) -> int:
+    """The GPUs the cluster can scale to; UserError naming `what` (the flag that asked for
+    GPUs) when that is none, instead of waiting forever for a GPU that never comes."""
+    from mono.errors import UserError
+
+    gpus = int(capacity().get("GPU", 0))
+    if gpus < 1:
+        known = ("its autoscaler's node types have none" if node_types() else
+                 "and no autoscaler node types are published (on a cluster that can add GPU "
+                 "nodes, run `python -m mono.cluster publish ~/ray_bootstrap_config.yaml` on "
+                 "the head, as cluster.yaml does)")
+        raise UserError(f"{what}: this Ray cluster has no GPU, {known}; run on a GPU "
+                        f"cluster or turn the option off")
+    return gpus
+
+
+def can_scale() -> bool:
+    """Whether an autoscaler may add nodes (node types are known with max_workers > 0)."""
+    record = node_types()
+    return bool(record) and any(t["max_workers"] > 0 for n, t in record["types"].items()
+                                if n != record["head"])
+
+
+def check_local_out(out: str) -> None:
+    """BadOutput for a local --out on a cluster with more than one node (now or after
+    scaling): every node would write its part to its own disk."""
+    from mono.errors import BadOutput
+
+    if "://" not in str(out) and multi_node():
+        raise BadOutput(f"--out {out} is a local path, but this Ray cluster has (or can scale "
+                        f"to) several nodes, each with its own disk: use an s3://BUCKET/PREFIX "
+                        f"or gs://BUCKET/PREFIX URI")
+
+
+def multi_node() -> bool:
+    """More than one node alive now, or an autoscaler that may add some."""
+    return sum(1 for n in ray.nodes() if n["Alive"]) > 1 or can_scale()
+
+
+def request(bundles: list[dict]) -> None:
+    """Ask the autoscaler for every bundle at once (a no-op without an autoscaler)."""
+    from ray.autoscaler.sdk import request_resources
+
+    if bundles and can_scale():
+        request_resources(bundles=bundles)
+
+
+def release() -> None:
+    """Withdraw `request`'s standing request, so idle nodes can time out."""
+    from ray.autoscaler.sdk import request_resources
+
+    if can_scale():
+        request_resources(bundles=[])
+
+
+def _main(argv: list[str]) -> int:
+    import yaml
+
+    if len(argv) != 2 or argv[0] != "publish":
+        print("usage: python -m mono.cluster publish AUTOSCALER_CONFIG.yaml", file=sys.stderr)
+        return 2
+    with open(argv[1]) as f:
+        cfg = yaml.safe_load(f)
+    ray.init(address="auto", logging_level=logging.WARNING)
+    publish(cfg)
+    print(json.dumps(node_types()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
