@@ -295,8 +295,8 @@ def acts_mean(cfg: Config, inputs: dict) -> np.ndarray:
         n += len(x)
     if n != rows or not bool(torch.isfinite(total).all()):
         raise UserError(f"the mean over {n} of {rows} training rows of "
-                         f"{store.Layout(cfg.out).acts} is not finite or incomplete: the "
-                         f"activation shards are corrupt; recollect them")
+                        f"{store.Layout(cfg.out).acts} is not finite or incomplete: the "
+                        f"activation shards are corrupt; recollect them")
     mean = (total / n).numpy()
     store.write_json(path, {"key": key, "mean": mean.tolist()})
     logger.info("SAE: mean activation over %d training rows in %.1f s -> %s", n,
