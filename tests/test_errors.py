@@ -302,7 +302,7 @@ def test_main_unwraps_a_user_error_raised_in_a_ray_task(capsys):
     assert capsys.readouterr().err == "prog: error: corrupt token shard /x/part-0.parquet\n"
 
 
-def test_parse_checks_out_and_inputs_before_init(tmp_path):
+def test_parse_checks_out_and_inputs_before_init(tmp_path, s3, capsys):
     calls = []
 
     def check(cfg):
@@ -318,9 +318,13 @@ def test_parse_checks_out_and_inputs_before_init(tmp_path):
         cli.parse(["--preset", "tiny", "--out", str(tmp_path / "f")], "p", "d", ("tokens",),
                   init=lambda: calls.append("init"), check=check)
     assert calls == ["check"]   # --out is checked first
-    cfg = cli.parse(["--preset", "tiny", "--out", "s3://bucket/run", "--traceback"], "p", "d",
-                    ("tokens",))   # URIs are the stages' (pyarrow.fs) to check
-    assert cfg.out == "s3://bucket/run"
+    # a URI is checked against its store while parsing (store.check_remote), here the
+    # localhost S3 server: a usage error naming the URI
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["--preset", "tiny", "--out", "s3://no-such-bucket/run"], "p", "d",
+                  ("tokens",))
+    assert exit_.value.code == 2
+    assert "bucket s3://no-such-bucket does not exist" in capsys.readouterr().err
 
 
 def test_check_out_accepts_what_a_stage_can_create(tmp_path):

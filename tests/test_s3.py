@@ -215,7 +215,8 @@ def assert_same_artifacts(local: str, remote: str, exact_acts: bool = True) -> N
                 store.read_bytes(store.join(b["sae_dir"], "sae.safetensors")), point
             assert _untimed(a["metrics"]) == _untimed(b["metrics"]), point
     # Analysis: one trial's tables and pages.
-    trial_a, trial_b = ({k.split("/")[0] for k in _files(o, "analysis")} for o in (local, remote))
+    trial_a, trial_b = ({k.split("/")[0] for k in _files(o, "analysis") if "/" in k}
+                        for o in (local, remote))   # a dir per trial, beside token_counts.json
     assert len(trial_a) == len(trial_b) == 1
     trial_a, trial_b = trial_a.pop(), trial_b.pop()
     fa, fb = _files(local, f"analysis/{trial_a}"), _files(remote, f"analysis/{trial_b}")
@@ -237,7 +238,7 @@ def test_tiny_pipeline_on_s3_equals_the_local_run_and_resumes(ray_local, s3, tin
     t0 = time.perf_counter()
     results = pipeline.main(["--preset", "tiny", "--out", remote, "--corpus", str(corpus)])
     wall = time.perf_counter() - t0
-    assert all(r["ran"] for r in results), results
+    assert all(r["ran"] for r in results if r["stage"] != "splitting"), results
     assert_same_artifacts(local, remote)
     # Analysis pages live in the bucket, next to the tables they show.
     assert any(k.endswith("/html/index.html") for k in _files(remote, "analysis"))
