@@ -62,25 +62,33 @@ def test_gpu_workers_scale_from_zero_and_idle_out(raw):
     assert raw["provider"]["cache_stopped_nodes"] is False
 
 
-def test_setup_installs_the_project_with_the_pinned_ray_and_torch(raw):
-    cmds = "\n".join(raw["setup_commands"])
+def test_every_node_runs_one_pinned_image_with_the_pinned_ray_and_torch(raw):
+    """docker/Dockerfile bakes Ray, CUDA torch and the project into one image: a scale-up
+    installs nothing (no setup commands), and the pins agree with pyproject.toml and the
+    client's Ray."""
     pins = _pins()
-    # The cluster, the client (this venv) and pyproject.toml agree on Ray.
     ray_pin = pins["ray"]
     assert ray_pin == f"ray[default,data,tune,train]=={ray.__version__}" == \
         "ray[default,data,tune,train]==2.60.0"
-    assert f'"{ray_pin}"' in cmds
-    # torch: the pyproject pin, from the PyTorch index (CUDA build on GPU nodes, CPU elsewhere).
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
     torch_pin = pins["torch"]
     assert torch_pin == "torch==2.13.0"
-    assert torch_pin in cmds
-    assert re.search(r"download\.pytorch\.org/whl/cu1\d\d", cmds)
-    assert "download.pytorch.org/whl/cpu" in cmds
-    assert cmds.index(torch_pin) < cmds.index("-e ~/mono"), "torch must precede the project"
-    # The project itself, from the repo that file_mounts copies to every node.
-    assert raw["file_mounts"]["~/mono"] == "."
-    assert re.search(r"pip install .*-e ~/mono\b", cmds)
-    assert "**/.venv" in raw["rsync_exclude"]
+    install = re.search(rf"pip install .*{re.escape(torch_pin)} .*"
+                        rf"download\.pytorch\.org/whl/cu1\d\d", dockerfile)
+    assert install, "CUDA torch from the PyTorch index"
+    project = re.search(r"pip install .*\"/home/ray/mono\"", dockerfile)
+    assert project and f'"{ray_pin}"' in project.group(0)
+    assert install.start() < project.start(), "torch must precede the project"
+    docker = raw["docker"]
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(),
+                        re.M).group(1)
+    assert docker["image"].endswith(f"/mono:{version}") and "latest" not in docker["image"]
+    assert docker["pull_before_run"] is True
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert raw[key] == [], key   # nothing installed on a new node
+    assert "~/mono" not in raw["file_mounts"]   # code travels with --working-dir
 
 
 def test_start_commands_use_token_auth_and_a_local_dashboard(raw):
