@@ -54,7 +54,8 @@ def can_run() -> str | None:
     return None
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 right now (all bound at once, then released)."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -101,7 +102,7 @@ class FakeCluster:
         self.max_workers = max_workers or {"gpu_worker": 2, "cpu_worker": 1}
         self.idle_timeout_minutes = idle_timeout_minutes
         self.temp_dir = tempfile.mkdtemp(prefix="rfc-", dir="/tmp")   # short: socket paths
-        self.gcs, self.dash, self.agent, self.client = _free_ports(4)
+        self.gcs, self.dash, self.agent, self.client = free_ports(4)
         self.url = f"http://127.0.0.1:{self.dash}"
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}

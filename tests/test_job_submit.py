@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fake_cluster import free_ports
 
 from mono.config import PRESETS
 
@@ -55,18 +56,6 @@ class Head:
     env: dict                # environment for clients: same auth mode and token as the head
     temp_dir: str
     proc: subprocess.Popen   # `unshare ... ray start --head --block`, or `ray start` itself
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports that are free right now (all bound at once, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _free_port_range(n: int) -> int:
@@ -126,7 +115,7 @@ def _start_head(unshare: bool) -> Head:
     names = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "node-manager-port", "object-manager-port",
              "runtime-env-agent-port", "metrics-export-port"]
-    ports = dict(zip(names, _free_ports(len(names))))
+    ports = dict(zip(names, free_ports(len(names))))
     base = _free_port_range(100)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
            "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",

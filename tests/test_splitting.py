@@ -175,23 +175,14 @@ def test_matching_recovers_the_planted_parent_children_map(planted, ray_local):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_job_matches_the_sizes_of_a_sweep_and_writes_the_pages(ray_local, tmp_path, capsys):
-    import os
 
-    from test_sweep import argv, write_tokens
+    from test_sweep import argv, make_run
 
-    from mono import train_lm
-    from mono.acts import run as collect
     from mono.errors import UserError
     from ray_jobs import splitting as job
     from ray_jobs import sweep_sae
 
-    out = str(tmp_path / "run")
-    os.environ.setdefault("MONO_CACHE_DIR", os.path.join(out, "cache"))
-    write_tokens(out)
-    cfg = with_overrides(PRESETS["tiny"], out=out, acts={"max_actors": 1},
-                         train_lm={"max_iters": 6, "batch_size": 2, "eval_interval": 6})
-    train_lm.train(cfg)
-    collect(cfg)
+    out = make_run(str(tmp_path / "run"))
     sweep_sae.main(argv(out, "sizes", "--n_features", "32", "64", "128", "--l1_coeff", "1e-3"))
     summary = job.main(["--preset", "tiny", "--out", out, "--name", "sizes",
                         "--sample_rows", "2048"])

@@ -40,9 +40,8 @@ def write_tokens(out: str, seed: int = 0) -> None:
         "rows": {s: v["rows"] for s, v in splits.items()}, "splits": splits})
 
 
-@pytest.fixture(scope="module")
-def run_dir(ray_local, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("sweep_run"))
+def make_run(out: str) -> str:
+    """Token shards, a tiny LM and its activation shards in `out`: what a sweep reads."""
     os.environ.setdefault("MONO_CACHE_DIR", os.path.join(out, "cache"))
     write_tokens(out)
     # A few LM steps make the MLP matter (L_zero > L_orig): V = 50304 logits per token
@@ -51,6 +50,12 @@ def run_dir(ray_local, tmp_path_factory):
                          train_lm={"max_iters": 6, "batch_size": 2, "eval_interval": 6})
     train_lm.train(cfg)
     collect(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, tmp_path_factory):
+    out = make_run(str(tmp_path_factory.mktemp("sweep_run")))
     assert store.acts_manifest(out)["rows"] == N_TRAIN * 16
     return out
 
