@@ -576,12 +576,11 @@ PRESETS: dict[str, Config] = {
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
                       eval_contexts=64, checkpoint_interval=600, report_interval=50, mean_rows=0,
                       density_window=307_200),
-        # Three l1 values packed into one trial (sweep.pack 0: all fit in memory) that reads
-        # the stream once; its 2 CPUs give torch 2 threads for the members' steps. On the
-        # 128-wide LM (2026-12-01): l1 2e-3 -> L0 13.6, loss recovered vs mean ablation 0.997
-        # (vs zero 0.998); 5e-3 -> L0 11.2, 0.986 (0.990); 1.2e-2 -> L0 5.2, 0.939 (0.958)
-        # (README figures).
-        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), cpus_per_trial=2.0),
+        # Three l1 values x three dictionary sizes (0.5x, 1x, 2x the MLP width, for the
+        # splitting stage): one pack per size, its three l1 members reading the stream once;
+        # a pack's 2 CPUs give torch 2 threads for the members' steps (README figures).
+        sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), n_features=(256, 512, 1024),
+                          cpus_per_trial=2.0),
         # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
         # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
         # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the

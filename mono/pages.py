@@ -425,6 +425,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
             for l0a, ra in points]
 
 
+def _trial_label(t: dict) -> str:
+    """A trial's grid point for plot labels: l1, lr and (when sizes are an axis) F."""
+    size = f"F {t['n_features']}, " if t.get("n_features") else ""
+    return f"{size}l1 {t['l1_coeff']:.2g}, lr {t['lr']:.2g}"
+
+
 def _scatter_png(done: list[dict], front: list[bool]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -439,7 +445,7 @@ def _scatter_png(done: list[dict], front: list[bool]) -> bytes:
     order = np.argsort(l0[on])
     ax.plot(l0[on][order], rec[on][order], "o-", color="tab:red", label="Pareto front")
     for t, x, y in zip(done, l0, rec):
-        ax.annotate(f"l1 {t['l1_coeff']:.2g}, lr {t['lr']:.2g}", (x, y), fontsize=7,
+        ax.annotate(_trial_label(t), (x, y), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     if len(l0) and l0.min() > 0 and l0.max() / l0.min() > 20:
         ax.set_xscale("log")
@@ -515,7 +521,7 @@ def write_sweep_report(experiment: str) -> str:
         for t in done:
             path = store.join(t["dir"], "density.npy")
             if store.exists(path):
-                curves.append((f"l1 {t['l1_coeff']:.2g}, lr {t['lr']:.2g}",
+                curves.append((_trial_label(t),
                                np.load(io.BytesIO(store.read_bytes(path)))))
         store.write_bytes_atomic(store.join(out, "density.png"), _density_png(curves))
         figures = ('<h2>L0 vs loss recovered against mean ablation</h2><img src="pareto.png" '
