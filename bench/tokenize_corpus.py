@@ -20,7 +20,7 @@ import time
 
 import ray
 
-from mono import tokens
+from mono import corpus, tokens
 from mono.config import TokensConfig, preset, with_overrides
 
 
@@ -40,11 +40,11 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    docs = list(tokens.iter_documents(TokensConfig(corpus=args.corpus)))
+    docs = list(corpus.iter_documents(TokensConfig(corpus=args.corpus)))
     read_s = time.perf_counter() - start
     enc = tokens.gpt2()
     n_tokens = sum(map(len, enc.encode_ordinary_batch(docs))) + len(docs)  # + one EOT each
-    print(f"corpus {tokens.describe_corpus(args.corpus)}: {len(docs)} documents, "
+    print(f"corpus {corpus.describe_corpus(args.corpus)}: {len(docs)} documents, "
           f"{sum(map(len, docs)):,} chars, {n_tokens:,} tokens incl. EOT (read in {read_s:.1f} s"
           f", not timed below)")
 

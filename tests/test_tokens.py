@@ -14,6 +14,14 @@ import tiktoken.load
 
 from mono import store, tokens
 from mono.config import TokensConfig, preset, with_overrides
+from mono.corpus import (
+    SCRIPT_ERROR,
+    _docstrings,
+    _rows_text,
+    embedded_documents,
+    iter_documents,
+    load_hf,
+)
 from mono.errors import MissingInput, UserError
 
 WORDS = ("the model reads a token and writes its feature while every neuron in the layer fires "
@@ -120,7 +128,7 @@ def test_encode_documents_appends_eot_after_each_document():
 
 
 def _docs(corpus: str, **kw) -> list[str]:
-    return list(tokens.iter_documents(TokensConfig(corpus=corpus, **kw)))
+    return list(iter_documents(TokensConfig(corpus=corpus, **kw)))
 
 
 def test_text_file_documents_are_blank_line_separated(tmp_path):
@@ -161,19 +169,19 @@ def test_parquet_and_jsonl_read_the_text_column_through_datasets(tmp_path):
     assert _docs(str(tmp_path / "t.parquet"), text_column="body") == ["alpha doc", "gamma doc"]
     assert _docs(str(tmp_path / "t.jsonl"), text_column="body") == ["json one", "json 二"]
     with pytest.raises(ValueError, match="no column 'text'"):
-        tokens.iter_documents(TokensConfig(corpus=str(tmp_path / "t.parquet")))
+        iter_documents(TokensConfig(corpus=str(tmp_path / "t.parquet")))
     with pytest.raises(ValueError, match="no key 'text'"):
-        tokens.iter_documents(TokensConfig(corpus=str(tmp_path / "t.jsonl")))
+        iter_documents(TokensConfig(corpus=str(tmp_path / "t.jsonl")))
 
 
 def test_hf_loader_streams_local_files(tmp_path):
     """load_hf is the hf: code path; on this offline machine `datasets` reads local files."""
     pq.write_table(pa.table({"text": [f"row {i}" for i in range(2500)]}), tmp_path / "t.parquet")
-    ds = tokens.load_hf("parquet", None, split="train", data_files=[str(tmp_path / "t.parquet")])
-    texts = list(tokens._rows_text(ds, "text", "local"))
+    ds = load_hf("parquet", None, split="train", data_files=[str(tmp_path / "t.parquet")])
+    texts = list(_rows_text(ds, "text", "local"))
     assert texts == [f"row {i}" for i in range(2500)]  # order kept across 1024-row batches
     with pytest.raises(ValueError, match="no column 'body'"):
-        next(tokens._rows_text(ds, "body", "local"))
+        next(_rows_text(ds, "body", "local"))
 
 
 def test_hf_falls_back_to_the_parquet_export(monkeypatch, tmp_path, caplog):
@@ -186,12 +194,12 @@ def test_hf_falls_back_to_the_parquet_export(monkeypatch, tmp_path, caplog):
     def fake(path, name=None, **kw):
         calls.append((path, name, kw))
         if "revision" not in kw:
-            raise RuntimeError(f"{tokens.SCRIPT_ERROR}, but found openwebtext.py")
+            raise RuntimeError(f"{SCRIPT_ERROR}, but found openwebtext.py")
         return real("parquet", data_files=[str(tmp_path / "t.parquet")], split=kw["split"],
                     streaming=kw["streaming"])
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    with caplog.at_level("WARNING", logger="mono.tokens"):
+    with caplog.at_level("WARNING", logger="mono.corpus"):
         docs = _docs("hf:Skylion007/openwebtext:plain_text")
     assert docs == ["web page one", "web page two"]
     assert [c[2].get("revision") for c in calls] == [None, "refs/convert/parquet"]
@@ -223,7 +231,7 @@ def test_hf_falls_back_to_the_parquet_export(monkeypatch, tmp_path, caplog):
 ])
 def test_bad_sources_fail_when_opened(tmp_path, make, error, match):
     with pytest.raises(error, match=match):
-        tokens.iter_documents(TokensConfig(corpus=make(tmp_path)))
+        iter_documents(TokensConfig(corpus=make(tmp_path)))
 
 
 def test_docstrings_are_read_from_source_without_importing(tmp_path):
@@ -232,17 +240,17 @@ def test_docstrings_are_read_from_source_without_importing(tmp_path):
                    'class A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n'
                    'try:\n    pass\nexcept Exception:\n    def g():\n        """In handler."""\n'
                    'def h():\n    x = "not a docstring"\n')
-    assert tokens._docstrings(str(src)) == ["Module doc.", "Class doc.", "Method doc.",
-                                            "In handler."]
+    assert _docstrings(str(src)) == ["Module doc.", "Class doc.", "Method doc.",
+                                     "In handler."]
     (tmp_path / "bad.py").write_text("def (:\n")
-    assert tokens._docstrings(str(tmp_path / "bad.py")) == []
+    assert _docstrings(str(tmp_path / "bad.py")) == []
 
 
 @pytest.mark.slow
 def test_embedded_corpus_is_deterministic_english():
     from pydoc_data import topics
 
-    docs = tuple(tokens.embedded_documents())
+    docs = tuple(embedded_documents())
     assert docs[:len(topics.topics)] == tuple(topics.topics[k] for k in sorted(topics.topics))
     assert len(docs) > 500 and sum(map(len, docs)) > 1_500_000
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in docs)  # json module
@@ -521,7 +529,7 @@ def test_corrupt_gzip_names_the_file_and_writes_nothing(ray_local, tmp_path, cor
     packed = gzip.compress("\n\n".join(_doc(i, 60) for i in range(600)).encode())  # ~250 kB
     truncated = tmp_path / "truncated.txt.gz"
     truncated.write_bytes(packed[:len(packed) * 2 // 3])
-    tokens.iter_documents(TokensConfig(corpus=str(truncated)))  # the eager check passes
+    iter_documents(TokensConfig(corpus=str(truncated)))  # the eager check passes
     written, write = [], store.write_table_atomic
     monkeypatch.setattr(store, "write_table_atomic",
                         lambda p, t: written.append(p) or write(p, t))
@@ -569,7 +577,7 @@ def test_save_to_disk_dir_gives_the_shards_of_its_jsonl(ray_local, tmp_path, cor
                                         r"'train'\]\)"):
         _docs(str(tmp_path / "dict"), hf_split="validation")
     with pytest.raises(UserError, match="no column 'body'"):
-        next(tokens.iter_documents(TokensConfig(corpus=str(tmp_path / "saved"),
+        next(iter_documents(TokensConfig(corpus=str(tmp_path / "saved"),
                                                 text_column="body")))
 
 
