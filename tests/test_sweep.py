@@ -14,10 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from mono import pages, resample, store, sweep, train_lm
+from mono import pages, resample, store, train_lm
 from mono.acts import run as collect
 from mono.config import PRESETS, with_overrides
 from mono.errors import BadOutput, MissingInput, UserError
+from mono.trial import HEADLINE
 from ray_jobs import sweep_sae
 
 T, N_TRAIN, N_VAL = 64, 256, 8
@@ -98,7 +99,7 @@ def test_grid_2x2_reports_to_tune_tensorboard_and_html(run_dir):
         assert [r.get("eval_step") for r in results] == [None] * 3 + [16] * 4 + [32]
         assert all(0 <= r["dead_fraction"] <= 1 and r["train_l0"] >= 0 for r in results)
         assert results[-1]["setup_s"] > 0 and results[-1]["l0"] == m["l0"]
-        assert results[-1][sweep.HEADLINE] == m.get(sweep.HEADLINE, m["loss_recovered"])
+        assert results[-1][HEADLINE] == m.get(HEADLINE, m["loss_recovered"])
         # no per-feature arrays in any result row or CSV column: scalars (and the config)
         for r in results:
             assert all(isinstance(v, (int, float, str, bool, type(None)))
