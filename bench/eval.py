@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mono import store, train_sae
+from mono import metrics, store, train_sae
 from mono.config import PRESETS
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     lm = store.load_lm(cfg.out)
     sae, _ = train_sae.load_sae(args.sae)
     mean = train_sae.check_inputs(cfg)["mean"]
-    ev = train_sae.EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
+    ev = metrics.EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
     print(f"{ev.n_tokens} eval tokens, {sae.n_features} features, 1 thread")
     for r in range(args.rounds):
         t0 = time.perf_counter()

@@ -2,9 +2,9 @@
 
 Stages, each a `run(cfg)` over a `mono.config.Config`:
 1 `tokens` corpus (`corpus`) -> token shards; 2 `train_lm` one-layer transformer; 3 `acts` MLP
-activation shards; 4 `sweep` SAE grid (`sae`, `train_sae`, `pack`, `resample`, `trial`);
-5 `features` + `pages` feature browser; 6 `splitting` + `family_pages` features matched across
-dictionary sizes. Importing mono needs neither a Ray cluster nor a GPU.
+activation shards; 4 `sweep` SAE grid (`sae`, `train_sae`, `metrics`, `pack`, `resample`,
+`trial`); 5 `features` + `pages` feature browser; 6 `splitting` + `family_pages` features
+matched across dictionary sizes. Importing mono needs neither a Ray cluster nor a GPU.
 """
 
 from mono.config import PRESETS, Config, preset

@@ -45,9 +45,10 @@ from torch import Tensor
 
 from mono import store
 from mono.config import Config
+from mono.metrics import EvalSet
 from mono.resample import ResampleSource
 from mono.sae import StepStats, project_decoder_grad_
-from mono.train_sae import EvalSet, SaeRun, _SeededSource
+from mono.train_sae import SaeRun, _SeededSource
 
 logger = logging.getLogger(__name__)
 

@@ -379,7 +379,7 @@ def dead_page(rows: list[dict], n_rows: int) -> str:
 # every value HTML-escaped; works from file:// offline. Local paths and URIs alike.
 
 HEADLINE = "loss_recovered_mean"
-"""The sweep's headline metric (train_sae docstring): loss recovered against mean ablation.
+"""The sweep's headline metric (mono.metrics docstring): loss recovered against mean ablation.
 The report, its Pareto front and the analysis's default trial (mono.features) use it."""
 SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metrics
     ("l1_coeff", "l1 coeff", "{:.3g}"), ("lr", "lr", "{:.3g}"),
@@ -390,7 +390,7 @@ SWEEP_COLUMNS = (  # (key, header, format); key in the entry, else in its metric
     ("ce_increase", "CE increase (nats)", "{:.4f}"), ("kl", "KL (nats/token)", "{:.4f}"),
     ("explained_variance", "explained var", "{:.3f}"), ("mse", "MSE", "{:.4g}"),
     # counted over the trailing window of training rows (resolution 1 / rows); the eval
-    # tokens resolve densities only down to 1 / eval tokens (train_sae docstring)
+    # tokens resolve densities only down to 1 / eval tokens (mono.metrics docstring)
     ("dead", "dead", "{:,}"), ("ultralow", "ultralow", "{:,}"), ("dense", "dense", "{:,}"),
     ("window_rows", "over training rows", "{:,}"),
     ("dead_eval", "dead (eval tokens)", "{:,}"),

@@ -20,6 +20,7 @@ import torch
 
 from mono import acts, store, train_lm, train_sae
 from mono.config import PRESETS, with_overrides
+from mono.metrics import EvalSet, acts_mean, eval_contexts
 from mono.reader import ActsReader
 from mono.sae import SparseAutoencoder
 
@@ -165,8 +166,8 @@ def test_eval_metrics_match_a_naive_computation(straight, run_dir):
     cfg = run_dir["cfg"]
     lm = store.load_lm(cfg.out)
     sae, _ = train_sae.load_sae(os.path.join(straight["workdir"], "sae"))
-    ev = train_sae.EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
-    mean = train_sae.acts_mean(cfg, train_sae.check_inputs(cfg))
+    ev = EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
+    mean = acts_mean(cfg, train_sae.check_inputs(cfg))
     metrics, density = ev.evaluate(sae, mean)
     x = ev.acts.flatten(0, 1).double()
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_bdec_alone_recovers_nothing_and_a_perfect_reconstruction_everything(run
     cfg = run_dir["cfg"]
     lm = store.load_lm(cfg.out)
     inputs = train_sae.check_inputs(cfg)
-    ev = train_sae.EvalSet(cfg, lm, torch.device("cpu"), 256)
+    ev = EvalSet(cfg, lm, torch.device("cpu"), 256)
     silent = SparseAutoencoder(128, 256, 1e-3)
     with torch.no_grad():
         silent.b_enc.fill_(-1e4)  # no feature ever fires
@@ -254,14 +255,14 @@ def test_bdec_alone_recovers_nothing_and_a_perfect_reconstruction_everything(run
 
 def test_eval_contexts_are_a_seeded_sample_shared_by_a_sweep(run_dir, straight):
     cfg = run_dir["cfg"]
-    ids = train_sae.eval_contexts(cfg.seed, 1000, 64)
+    ids = eval_contexts(cfg.seed, 1000, 64)
     assert len(set(ids.tolist())) == 64 and ids.max() < 1000
     assert not np.array_equal(ids, np.arange(64)), "a sample, not the first N"
-    np.testing.assert_array_equal(ids, train_sae.eval_contexts(cfg.seed, 1000, 64))
-    assert not np.array_equal(ids, train_sae.eval_contexts(cfg.seed + 1, 1000, 64))
+    np.testing.assert_array_equal(ids, eval_contexts(cfg.seed, 1000, 64))
+    assert not np.array_equal(ids, eval_contexts(cfg.seed + 1, 1000, 64))
     # trials of a sweep differ in SaeConfig fields only: the same eval contexts
     lm = store.load_lm(cfg.out)
-    sets = [train_sae.EvalSet(make_cfg(cfg.out, **kw), lm, torch.device("cpu"), 512)
+    sets = [EvalSet(make_cfg(cfg.out, **kw), lm, torch.device("cpu"), 512)
             for kw in ({}, {"l1_coeff": 1e-2, "lr": 1e-4}, {"n_features": 1024})]
     assert not np.array_equal(sets[0].ctx, np.arange(EVAL_CTX))
     for other in sets[1:]:
