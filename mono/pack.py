@@ -47,7 +47,7 @@ from mono import store
 from mono.config import Config
 from mono.metrics import EvalSet
 from mono.resample import ResampleSource
-from mono.sae import StepStats, project_decoder_grad_
+from mono.sae import StepStats
 from mono.train_sae import SaeRun, _SeededSource
 
 logger = logging.getLogger(__name__)
@@ -212,11 +212,7 @@ class Pack:
             for p in PARAMS:
                 tr.grads[p].copy_(grads[p][k])
             tr.fire_counts += counts[k]
-            # Trainer.step after its compute_grads: projection, Adam, renormalisation
-            project_decoder_grad_(tr.grads["W_dec"], run.sae.W_dec)
-            tr.opt.step(tr.grads)
-            run.sae.normalize_decoder_()
-            tr.n_steps += 1
+            tr.apply_grads()   # Trainer.step after its compute_grads
             self._guarded(name, run.record, stats[k], x)
 
     def _guarded(self, name: str, fn, *args) -> None:

@@ -503,11 +503,16 @@ class Trainer:
         """One training step on batch x (N, H) (any float dtype, any device); stats of the
         batch before the update."""
         stats = self.compute_grads(x)
+        self.apply_grads()
+        return stats
+
+    def apply_grads(self) -> None:
+        """The update from self.grads (as `compute_grads` leaves them): remove each decoder
+        row's parallel gradient component, Adam, renormalise W_dec rows (paper: every step)."""
         project_decoder_grad_(self.grads["W_dec"], self.sae.W_dec)
         self.opt.step(self.grads)
         self.sae.normalize_decoder_()
         self.n_steps += 1
-        return stats
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything but the weights a resume needs: flat name -> tensor (safetensors-ready)."""
