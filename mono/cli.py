@@ -143,7 +143,7 @@ def parse(argv: list[str] | None, prog: str, description: str,
             cfg = replace(cfg, sweep=replace(cfg.sweep,
                                              storage_path=os.path.abspath(cfg.sweep.storage_path)))
         # A URI --out (or Tune storage) this process cannot write fails here, before Ray
-        # starts or any stage writes (store.check_remote; local dirs are checked by stages).
+        # starts or any stage writes (store.check_remote; a local --out: check_out below).
         from mono import store
 
         store.check_remote(cfg.out)
@@ -158,7 +158,6 @@ def parse(argv: list[str] | None, prog: str, description: str,
     if init is not None:
         init()
         from mono import cluster
-        from mono.errors import UserError
 
         try:  # needs Ray: how many nodes there are or may be
             cluster.check_local_out(cfg.out)
@@ -170,7 +169,7 @@ def parse(argv: list[str] | None, prog: str, description: str,
 def check_out(out: str) -> None:
     """Raise BadOutput unless the local directory `out` can be written by this process:
     it is a directory it may write, or the nearest existing ancestor is (the stages create
-    the rest). URIs (s3://, gs://) are left to the stages, which write through pyarrow.fs.
+    the rest). URIs (s3://, gs://) are `store.check_remote`'s, which `parse` runs first.
     `os.access` asks the kernel with this process's ids: it answers for modes, ACLs,
     read-only mounts and immutable files alike, and changes nothing."""
     if "://" in out:

@@ -113,10 +113,11 @@ def can_scale() -> bool:
 
 def check_local_out(out: str) -> None:
     """BadOutput for a local --out on a cluster with more than one node (now or after
-    scaling): every node would write its part to its own disk."""
+    scaling): every node would write its part to its own disk. Without a connected Ray (a
+    job's init that started none, as the tests' stand-ins) there is no cluster to ask."""
     from mono.errors import BadOutput
 
-    if "://" not in str(out) and multi_node():
+    if "://" not in str(out) and ray.is_initialized() and multi_node():
         raise BadOutput(f"--out {out} is a local path, but this Ray cluster has (or can scale "
                         f"to) several nodes, each with its own disk: use an s3://BUCKET/PREFIX "
                         f"or gs://BUCKET/PREFIX URI")
