@@ -128,6 +128,7 @@ class Pack:
         self.runs: dict[str, SaeRun] = {}
         self.status: dict[str, dict] = {}
         evalset: EvalSet | None = None
+        inputs: dict | None = None   # members differ in l1/lr only: one input check for all
         for name, params in zip(names, members):
             member_dir = os.path.join(workdir, name)
             saved = os.path.join(resume_from, name) if resume_from else None
@@ -142,8 +143,8 @@ class Pack:
                 continue
             if saved is not None and not os.path.isdir(saved):
                 saved = None
-            run = SaeRun(member_cfg(cfg, params), member_dir, source, saved, evalset)
-            evalset = run.evalset
+            run = SaeRun(member_cfg(cfg, params), member_dir, source, saved, evalset, inputs)
+            evalset, inputs = run.evalset, run.inputs
             self.runs[name] = run
         live = list(self.runs.values())
         same = live and len({(r.device, r.sae.n_features, r.sae.d_in) for r in live}) == 1

@@ -401,13 +401,16 @@ class SaeRun:
     """One SAE training run: its model, trainer, reader position and bookkeeping."""
 
     def __init__(self, cfg: Config, workdir: str, source: ResampleSource | None,
-                 resume_from: str | None, evalset: EvalSet | None = None):
-        """evalset: an EvalSet to share (mono.pack: one LM and eval cache for a pack)."""
+                 resume_from: str | None, evalset: EvalSet | None = None,
+                 inputs: dict | None = None):
+        """evalset: an EvalSet to share (mono.pack: one LM and eval cache for a pack);
+        inputs: `check_inputs(cfg)` done already for the same data (a pack's first member),
+        so K members check the shards, LM and mean once."""
         if store.is_uri(workdir):
             raise ValueError(f"the SAE workdir must be a local path, got {workdir!r}")
         self.cfg, self.workdir, sc = cfg, workdir, cfg.sae
         self.shards: list[str] | str | None = None   # set by the first _reader
-        self.inputs = check_inputs(cfg)
+        self.inputs = inputs if inputs is not None else check_inputs(cfg)
         self.device = pick_device(sc.device)
         self.n_steps, self.epochs = plan_steps(sc, self.inputs["rows"])
         # A checkpoint is read and checked before the (slow) LM and eval-set set-up.
