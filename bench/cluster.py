@@ -120,7 +120,7 @@ def bench_cluster(args, s3_env: dict) -> dict:
                         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
         job = ["python", "-m", "ray_jobs.pipeline", "--preset", "tiny", "--out",
                "s3://run/tiny", "--corpus", str(corpus), "--acts.use_gpu", "true",
-               "--sweep.gpus_per_trial", "1", "--acts.threads_per_actor", "1"]
+               "--sweep.gpus_per_trial", "1"]
         r, job_s = c.submit(job, env, working_dir=False)
         logs = r.stdout + r.stderr
         if r.returncode != 0:

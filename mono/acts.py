@@ -32,7 +32,9 @@ a dead actor is restarted by Ray and its shard redone. A rerun skips every shard
 footer matches (rows + metadata) and redoes the rest, so the result is exact: contexts x P
 rows, no (ctx, pos) twice. Test hook: MONO_TEST_FAIL_ONCE=<dir> makes the first shard call
 in any process fail once (a marker file in <dir> makes it exactly once), after leaving a
-half-written temporary file; MONO_TEST_FAIL_MODE=exit kills the actor process instead.
+half-written temporary file; MONO_TEST_FAIL_MODE=exit kills the actor process instead, and
+=hang leaves it writing forever (the marker says its node id and shard), for a test to kill
+its node.
 
 Limits: the token split is always train; a rerun with another `shard_contexts` or seed into
 the same dir is refused (acts.overwrite replaces); reader.ActsReader's mixing is bounded by
@@ -58,7 +60,7 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm import tqdm
 
-from mono import cluster, store
+from mono import cluster, store, threads
 from mono.config import Config
 from mono.errors import BadOutput, MissingInput, UserError
 from mono.lm import Lm
@@ -191,10 +193,9 @@ class Collector:
     paths and small settings only, never weights (RAY_NOTES §1.5).
     """
 
-    def __init__(self, out: str, settings: dict, device: str = "cpu", threads: int = 0,
+    def __init__(self, out: str, settings: dict, device: str = "cpu", n_threads: int = 0,
                  fail_once: str = "", fail_mode: str = "raise"):
-        if threads:
-            torch.set_num_threads(threads)
+        threads.pin(n_threads)  # 0: the actor's cpus_per_actor (mono/threads.py)
         if device == "cuda" and not torch.cuda.is_available():
             # A Ray GPU without CUDA behind it (Ray's fake multi-node GPUs, a driverless
             # node): the device comes from torch, not from the Ray resource.
@@ -232,20 +233,26 @@ class Collector:
         size = store.write_acts_shard(path, table, s["compression"], s["row_group_rows"])
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         return {"first": first, "rows": table.num_rows, "bytes": size,
-                "seconds": time.perf_counter() - t0, "node": node}
+                "seconds": time.perf_counter() - t0, "node": node,
+                "threads": torch.get_num_threads()}
 
     def _maybe_fail(self, path: str) -> None:
         """The test fault switch: fail once across all processes, mid-write."""
         if not self.fail_once:
             return
         try:
-            fd = os.open(os.path.join(self.fail_once, "failed"), os.O_CREAT | os.O_EXCL)
+            fd = os.open(os.path.join(self.fail_once, "failed"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
-        os.close(fd)
         store.write_bytes_atomic(f"{path}.tmp-crashed", b"half a shard")
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        os.write(fd, f"{node} {os.path.basename(path)}".encode())
+        os.close(fd)
         if self.fail_mode == "exit":
             os._exit(1)
+        while self.fail_mode == "hang":  # mid-write until the test terminates this node
+            time.sleep(1)
         raise RuntimeError(f"injected failure ({FAIL_ONCE_ENV}) while writing {path}")
 
 
@@ -451,10 +458,10 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
              pool: tuple[int, dict]) -> dict:
     a = cfg.acts
     n_actors, resources = pool
-    threads = a.threads_per_actor or (0 if a.use_gpu else max(1, (os.cpu_count() or 1)
-                                                              // n_actors))
-    logger.info("collection: %d shards to do (%d already done), %d actor(s), %s", len(todo),
-                n_done, n_actors, "GPU" if a.use_gpu else f"{threads} torch threads each")
+    n_threads = a.threads_per_actor or a.cpus_per_actor  # what threads.pin(0) gives them
+    logger.info("collection: %d shards to do (%d already done), %d actor(s), %s, %d torch "
+                "thread(s) each", len(todo), n_done, n_actors, "GPU" if a.use_gpu else "CPU",
+                n_threads)
     data_ctx = DataContext.get_current()
     saved = data_ctx.retried_map_errors, data_ctx.max_map_retries
     data_ctx.retried_map_errors, data_ctx.max_map_retries = True, MAP_RETRIES
@@ -464,7 +471,7 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
         ds = ds.map_batches(
             Collector,
             fn_constructor_kwargs={
-                "out": cfg.out, "settings": settings, "threads": threads,
+                "out": cfg.out, "settings": settings, "n_threads": a.threads_per_actor,
                 "device": "cuda" if a.use_gpu else "cpu",
                 "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),
                 "fail_mode": os.environ.get(FAIL_MODE_ENV, "raise")},
@@ -485,13 +492,14 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
 def _progress(ds, total_rows: int) -> dict:
     """Drain the summaries: a tqdm bar (on a terminal), a log line every ~10 s; -> stats."""
     start = last = time.perf_counter()
-    rows, nodes, first, where = 0, {}, None, {}
+    rows, nodes, first, where, n_threads = 0, {}, None, {}, set()
     with tqdm(total=total_rows, unit="vec", unit_scale=True, desc="activations",
               disable=None) as bar:
         for row in ds.iter_rows():
             rows += int(row["rows"])
             nodes[str(row["node"])] = nodes.get(str(row["node"]), 0) + 1
             where[str(int(row["first"]))] = str(row["node"])
+            n_threads.add(int(row["threads"]))
             first = first or (time.perf_counter() - start, rows)  # actor start-up included
             bar.update(int(row["rows"]))
             now = time.perf_counter()
@@ -507,7 +515,7 @@ def _progress(ds, total_rows: int) -> dict:
     return {"shards_written": sum(nodes.values()), "rows_written": rows, "seconds": elapsed,
             "vectors_per_s": rows / max(elapsed, 1e-9), "first_shard_s": first and first[0],
             "steady_vectors_per_s": steady, "shards_per_node": nodes,
-            "node_per_shard": where}
+            "node_per_shard": where, "torch_threads": sorted(n_threads)}
 
 
 def _manifest(cfg: Config, settings: dict, tm: dict, chunks: list[tuple[int, int]],

@@ -145,6 +145,9 @@ class TrainLmConfig:
     Ray Train (the tiny preset's smoke runs: Ray Train's start-up is ~15-20 s on 2 cores)."""
     use_gpu: bool = False
     """One GPU per Ray Train worker."""
+    threads: int = 0
+    """torch threads per rank (0 = every core of the node, split between its ranks;
+    mono/threads.py: the weights' last bits depend on it)."""
     dtype: str = "auto"
     """Autocast dtype: auto (bf16 on CUDA GPUs that support it, float32 on CPU, where bf16
     autocast measured slower), bfloat16 or float32."""
@@ -155,7 +158,7 @@ class TrainLmConfig:
         _positive(self, "max_iters", "batch_size", "grad_accum", "lr", "eval_interval",
                   "eval_iters", "log_interval", "beta1", "beta2")
         _non_negative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip",
-                      "max_failures", "num_workers")
+                      "max_failures", "num_workers", "threads")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"TrainLmConfig betas must be < 1, got ({self.beta1}, {self.beta2})")
         _choice(self, "dtype", ("auto", "bfloat16", "float32"))
@@ -189,7 +192,7 @@ class ActsConfig:
     """Logical CPUs each actor reserves; it overlaps that many shard writes with the LM, so
     give GPU actors several (writing Parquet is the GPU node's bottleneck)."""
     threads_per_actor: int = 0
-    """torch threads per CPU actor (0 = the node's cores / actors)."""
+    """torch threads per actor (0 = its cpus_per_actor; mono/threads.py)."""
     use_gpu: bool = False
     """Give each collection actor one GPU."""
     overwrite: bool = False

@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mono import cluster, pages, reader, store
+from mono import cluster, pages, reader, store, threads
 from mono.acts import tokens_identity
 from mono.config import Config
 from mono.errors import MissingInput, UserError
@@ -366,11 +366,17 @@ def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: di
     return state
 
 
+def _scan_task(*args):
+    """`scan` as a Ray task: on its one reserved CPU's thread (mono/threads.py)."""
+    threads.pin()
+    return scan(*args)
+
+
 def _scan_all(cfg: Config, groups: list, shards: dict, sae_ref, params: dict, merged):
     """Run `scan` over every group as Ray tasks, merging results into `merged` as they
     finish (driver memory: the state + the results in flight)."""
     a = cfg.analysis
-    remote = ray.remote(scan).options(num_cpus=1, num_gpus=1 if a.use_gpu else 0,
+    remote = ray.remote(_scan_task).options(num_cpus=1, num_gpus=1 if a.use_gpu else 0,
                                       max_retries=3)
     params = params | {"device": "cuda" if a.use_gpu else "cpu", "batch_rows": a.batch_rows,
                        "seed": cfg.seed}
@@ -579,6 +585,7 @@ def check(cfg: Config) -> tuple:
     return trial, sae_dir, how, sae, shards, lm
 
 
+@threads.pinned()  # its driver computes too: every core, not the job's 1 CPU
 def run(cfg: Config) -> dict:
     """Analyse one trial's SAE into <out>/analysis/<trial>/ (module doc); -> summary dict
     (with "index": the feature browser's index.html)."""

@@ -64,7 +64,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from mono import family_pages, features, pages, reader, store
+from mono import family_pages, features, pages, reader, store, threads
 from mono.config import Config
 from mono.errors import MissingInput, UserError
 from mono.sae import SparseAutoencoder
@@ -510,6 +510,7 @@ def check(cfg: Config) -> tuple[list[dict], list]:
     return trials, saes
 
 
+@threads.pinned()  # its driver computes too: every core, not the job's 1 CPU
 def run(cfg: Config) -> dict:
     """The stage (module doc) -> summary.json's dict (+ "index": the families index)."""
     t0 = time.perf_counter()

@@ -67,7 +67,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import cluster, pack, pages, resample, store, train_sae
+from mono import cluster, pack, pages, resample, store, threads, train_sae
 from mono.config import Config
 from mono.errors import BadOutput, MissingInput, UserError
 from mono.trial import HEADLINE, train_pack_trial, train_trial
@@ -242,6 +242,7 @@ class DensityHistograms(tune.Callback):
 # --- the sweep ---------------------------------------------------------------------------
 
 
+@threads.pinned()  # its driver computes too: every core, not the job's 1 CPU
 def run(cfg: Config) -> dict:
     """Run (or resume) the sweep; write trials.json and the report. Returns the summary
     {"experiment", "trials_json", "report", "trials", "restored", "wall_s"}; raises
@@ -462,7 +463,8 @@ def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
              "l1_coeff": params["l1_coeff"], "lr": params["lr"],
              "n_features": params.get("n_features"), "dir": d,
              "reports": len(lines), "last_report": _metrics_only(last),
-             "node": last.get("node")}  # the Ray node id of the trial's last report
+             # the Ray node id of the trial's last report, and its torch threads
+             "node": last.get("node"), "threads": last.get("threads")}
     done = all(store.exists(store.join(d, train_sae.EXPORT, f))
                for f in ("cfg.json", train_sae.SAE_WEIGHTS)) and store.exists(
         store.join(d, train_sae.METRICS))

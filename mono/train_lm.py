@@ -62,7 +62,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from torch import Tensor, nn
 
-from mono import cluster, store
+from mono import cluster, store, threads
 from mono.config import Config, LmConfig, TrainLmConfig, from_dict
 from mono.errors import UserError
 from mono.lm import Lm
@@ -357,7 +357,8 @@ def _summary(cfg: Config, history: list, base: dict) -> dict:
     last = history[-1] if history else {}
     return {**base, "val_loss": last.get("val_loss"), "step": last.get("step", 0),
             "tokens": last.get("tokens", 0), "max_iters": cfg.train_lm.max_iters,
-            "dtype": cfg.train_lm.dtype, "dir": store.Layout(cfg.out).lm, "history": history}
+            "dtype": cfg.train_lm.dtype, "threads": torch.get_num_threads(),
+            "dir": store.Layout(cfg.out).lm, "history": history}
 
 
 def _log_progress(m: dict) -> None:
@@ -373,9 +374,9 @@ def _worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
-    # Ray sets OMP_NUM_THREADS=1 in workers; on CPU split the node's cores between its ranks.
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(max(1, cores // ctx.get_local_world_size()))
+    # Not Ray's OMP_NUM_THREADS (from the rank's 1-CPU reservation): the node's cores split
+    # between its ranks, or --train_lm.threads (mono/threads.py).
+    threads.pin(cfg.train_lm.threads or max(1, threads.cores() // ctx.get_local_world_size()))
     state = None
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
@@ -429,7 +430,8 @@ def run(cfg: Config) -> dict:
                             f"scale to {gpus} GPU(s); pass --num_workers {gpus} or fewer")
     check_inputs(cfg)
     if tc.num_workers == 0:
-        train(cfg, device=torch.device("cuda" if tc.use_gpu else "cpu"))
+        with threads.pinned(tc.threads):   # every core, not the job supervisor's 1 CPU
+            train(cfg, device=torch.device("cuda" if tc.use_gpu else "cpu"))
         return store.read_lm_metrics(cfg.out)
     trainer = ray.train.torch.TorchTrainer(
         _worker, train_loop_config={"cfg": cfg.to_dict()},

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import pack, pages, store, train_sae
+from mono import pack, pages, store, threads, train_sae
 from mono.config import Config
 
 PUBLISHED = (train_sae.METRICS, train_sae.HISTORY, train_sae.DENSITY_PNG)
@@ -62,6 +62,7 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
     <experiment>/<trial>/.
     """
     os.environ.update(env)
+    n_threads = threads.pin()  # the trial's cpus_per_trial, whatever the worker ran before
     t_enter = time.perf_counter()
     trial_cfg = replace(cfg, sae=replace(cfg.sae, **config))  # unknown keys: TypeError
     name = os.path.basename(tune.get_context().get_trial_dir())
@@ -79,7 +80,8 @@ def train_trial(config: dict, *, cfg: Config, experiment: str, source, env: dict
                     setup["s"] = _setup_s(result, start, time.perf_counter() - t_enter,
                                           trial_cfg.sae.batch_size)
             row = trial_result(result, last_eval) | ({"setup_s": setup["s"]} if setup else {}) \
-                | {"node": ray.get_runtime_context().get_node_id()}  # where it ran
+                | {"node": ray.get_runtime_context().get_node_id(),  # where it ran
+                   "threads": n_threads}
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
                         if checkpoint_dir else None)
 
@@ -96,6 +98,7 @@ def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
     every live member reported (`pack_result`), with one checkpoint of all members; at
     the end each member's export and metrics go to <experiment>/<trial>/sae/<name>/."""
     os.environ.update(env)
+    n_threads = threads.pin()  # the trial's cpus_per_trial, whatever the worker ran before
     name = os.path.basename(tune.get_context().get_trial_dir())
     workdir = os.path.join(os.getcwd(), f"pack-{name}")
     checkpoint = tune.get_checkpoint()
@@ -118,7 +121,8 @@ def train_pack_trial(config: dict, *, cfg: Config, experiment: str, source,
             for old in [s for s in pending if s < step]:  # a lagging member's catch-up
                 del pending[old]
             row = pack_result({m: trial_result(r, last_eval[m]) for m, (r, _) in rows.items()},
-                              step) | {"node": ray.get_runtime_context().get_node_id()}
+                              step) | {"node": ray.get_runtime_context().get_node_id(),
+                                       "threads": n_threads}
             paths = {m: c for m, (_, c) in rows.items() if c}
             if not paths:
                 tune.report(row)

@@ -210,6 +210,30 @@ class FakeCluster:
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         return r, time.monotonic() - self.t_start - self.t_submit
 
+    def driver_nodes(self) -> set[str]:
+        """The nodes the jobs' drivers run on (the job API's driver_node_id)."""
+        with urllib.request.urlopen(f"{self.url}/api/jobs/", timeout=10) as r:
+            return {j["driver_node_id"] for j in json.load(r) if j.get("driver_node_id")}
+
+    def terminate_node(self, node_id: str) -> list[int]:
+        """Terminate a worker node as its cloud would: SIGKILL, at once, every process of
+        it (its raylet with the object store, its agents, its workers: every process in this
+        cluster's PID namespace that the fake provider started with this node id, which
+        they all inherit). -> the pids killed (in this, the test's namespace)."""
+        assert self.proc is not None
+        ns = _pid_ns(_children(self.proc.pid)[0])   # that of `ray start`, the namespace's init
+        tag = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
+        killed = []
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                if _pid_ns(pid) == ns and tag in Path(f"/proc/{pid}/environ").read_bytes(
+                        ).split(b"\0"):
+                    os.kill(pid, 9)
+                    killed.append(pid)
+            except (OSError, IndexError):   # gone meanwhile, or not ours to read
+                pass
+        return killed
+
     def wait_idle_workers_gone(self, timeout: float = 90) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -227,3 +251,11 @@ class FakeCluster:
             self.proc.kill()
             self.proc.wait(timeout=30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _pid_ns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")

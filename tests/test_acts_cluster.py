@@ -78,7 +78,7 @@ def test_two_node_cluster_writes_the_one_node_content(tmp_path):
     assert settings["lm_sha256"] == manifest["lm_sha256"]
     threads = torch.get_num_threads()
     try:
-        collector = acts.Collector(ref_cfg.out, settings, threads=1)
+        collector = acts.Collector(ref_cfg.out, settings, n_threads=1)
         for first, n in acts.plan(200, ref_cfg.acts.shard_contexts):
             collector.collect(first, n)
     finally:

@@ -36,7 +36,7 @@ JOBS = ("tokenize_corpus", "train_lm", "collect_acts", "sweep_sae", "analyze", "
 ZERO_OK = {
     ("tokens", "max_docs"), ("train_lm", "min_lr"), ("train_lm", "warmup_iters"),
     ("train_lm", "weight_decay"), ("train_lm", "grad_clip"), ("train_lm", "max_failures"),
-    ("train_lm", "num_workers"),
+    ("train_lm", "num_workers"), ("train_lm", "threads"),
     ("acts", "n_contexts"), ("acts", "max_actors"), ("acts", "threads_per_actor"),
     ("sae", "n_steps"), ("sae", "report_interval"), ("sae", "mean_rows"),
     ("sweep", "cpus_per_trial"), ("sweep", "pack"),
