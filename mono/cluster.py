@@ -12,13 +12,19 @@ cluster's max_workers), whichever is larger. `multi_node()`: more than one node 
 possible. `request(bundles)` asks the autoscaler for all of a pool's nodes at once
 (`ray.autoscaler.sdk.request_resources`) instead of one scale-up round per pending actor;
 `release()` withdraws that request so idle nodes can be removed.
+
+`python -m mono.cluster pin-ami cluster.yaml` (`pin_ami`) replaces the host AMI's public SSM
+alias in a cluster config with the AMI id it names today, before `ray up`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+import time
 
 import ray
 
@@ -144,12 +150,78 @@ def release() -> None:
         request_resources(bundles=[])
 
 
+# --- pinning the host AMI ---------------------------------------------------------------
+
+SSM_ALIAS = re.compile(r"^([ \t]*)ImageId:[ \t]*resolve:ssm:(\S+)", re.MULTILINE)
+
+
+def pin_ami(path: str) -> dict[str, str]:
+    """Rewrite every `ImageId: resolve:ssm:ALIAS` of cluster config `path` to the AMI id the
+    alias names today, in the config's region, keeping the file's comments: nodes launched on
+    later days then boot the same host (the alias moves with each AMI release). -> {alias:
+    AMI id}. Idempotent; a UserError names an alias that does not resolve. Needs boto3 and
+    AWS credentials (the AWS provider's own); AWS_ENDPOINT_URL reaches another server."""
+    import yaml
+
+    from mono.errors import UserError
+
+    with open(path) as f:
+        text = f.read()
+    region = (yaml.safe_load(text).get("provider") or {}).get("region")
+    aliases = sorted({alias for _, alias in SSM_ALIAS.findall(text)})
+    if not aliases:
+        return {}
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError:
+        raise UserError("pin-ami needs boto3 (pip install boto3), as `ray up` on AWS does")
+    ssm, ec2 = (boto3.client(name, region_name=region) for name in ("ssm", "ec2"))
+    pinned, names = {}, {}
+    for alias in aliases:
+        try:
+            pinned[alias] = ssm.get_parameter(Name=alias)["Parameter"]["Value"]
+            images = ec2.describe_images(ImageIds=[pinned[alias]])["Images"]
+        except botocore.exceptions.BotoCoreError as err:
+            raise UserError(f"{path}: cannot resolve resolve:ssm:{alias} in {region}: {err}")
+        except botocore.exceptions.ClientError as err:
+            raise UserError(f"{path}: cannot resolve resolve:ssm:{alias} in {region}: "
+                            f"{err.response.get('Error', {}).get('Message', err)}")
+        names[alias] = images[0].get("Name", "") if images else ""
+    today = time.strftime("%Y-%m-%d")
+
+    def pin(m: re.Match) -> str:
+        alias = m[2]
+        return (f"{m[1]}# {names[alias]}: resolve:ssm:{alias} on {today}\n"
+                f"{m[1]}ImageId: {pinned[alias]}")
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(SSM_ALIAS.sub(pin, text))
+    os.replace(tmp, path)
+    return pinned
+
+
 def _main(argv: list[str]) -> int:
     import yaml
 
-    if len(argv) != 2 or argv[0] != "publish":
-        print("usage: python -m mono.cluster publish AUTOSCALER_CONFIG.yaml", file=sys.stderr)
+    from mono.errors import UserError
+
+    if len(argv) != 2 or argv[0] not in ("publish", "pin-ami"):
+        print("usage: python -m mono.cluster publish AUTOSCALER_CONFIG.yaml\n"
+              "       python -m mono.cluster pin-ami CLUSTER.yaml", file=sys.stderr)
         return 2
+    if argv[0] == "pin-ami":
+        try:
+            pinned = pin_ami(argv[1])
+        except UserError as err:
+            print(f"mono.cluster pin-ami: error: {err}", file=sys.stderr)
+            return 2
+        for alias, ami in pinned.items():
+            print(f"{argv[1]}: resolve:ssm:{alias} -> {ami}")
+        if not pinned:
+            print(f"{argv[1]}: no resolve:ssm: ImageId left to pin")
+        return 0
     with open(argv[1]) as f:
         cfg = yaml.safe_load(f)
     ray.init(address="auto", logging_level=logging.WARNING)

@@ -6,6 +6,8 @@ one more reason the project pins Ray; they need no cloud credentials (RAY_NOTES.
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -137,3 +139,50 @@ def test_broken_copies_fail_validation(raw, breakage, error, match):
     breakage(broken)
     with pytest.raises(error, match=match):
         _validate(broken)
+
+
+# --- pin-ami: the host AMI alias -> the AMI id it names today -------------------------------
+
+# A public SSM alias the localhost server (moto) publishes, as AWS does; cluster.yaml's own
+# (the Deep Learning Base AMI's) is not in moto's catalogue.
+MOTO_ALIAS = "/aws/service/ami-amazon-linux-latest/amzn2-ami-hvm-x86_64-gp2"
+
+
+def _pin(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mono.cluster", "pin-ami", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_pin_ami_rewrites_every_alias_to_todays_ami_id(s3, tmp_path):
+    text = (ROOT / "cluster.yaml").read_text()
+    aliases = set(re.findall(r"ImageId:\s*resolve:ssm:(\S+)", text))
+    assert len(aliases) == 1, aliases   # one host image for every node type
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text.replace(aliases.pop(), MOTO_ALIAS))
+    region = yaml.safe_load(text)["provider"]["region"]
+    ami = s3.client(service="ssm", region_name=region).get_parameter(
+        Name=MOTO_ALIAS)["Parameter"]["Value"]
+
+    r = _pin(path)
+    assert r.returncode == 0, r.stderr
+    assert f"resolve:ssm:{MOTO_ALIAS} -> {ami}" in r.stdout
+    pinned = yaml.safe_load(path.read_text())
+    assert {t["node_config"]["ImageId"] for t in pinned["available_node_types"].values()} \
+        == {ami}
+    assert "resolve:ssm" not in re.sub(r"#.*", "", path.read_text())   # comments may say it
+    assert path.read_text().count("# Ray's AWS bootstrap") == 1   # the comments are kept
+    _validate(pinned)
+    before = path.read_bytes()
+    r = _pin(path)   # idempotent
+    assert r.returncode == 0 and "no resolve:ssm: ImageId left to pin" in r.stdout
+    assert path.read_bytes() == before
+
+
+def test_pin_ami_names_an_alias_that_does_not_resolve(s3, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text((ROOT / "cluster.yaml").read_text())   # the DLAMI alias: not in moto
+    before = path.read_bytes()
+    r = _pin(path)
+    assert r.returncode == 2 and "resolve:ssm:/aws/service/deeplearning" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert path.read_bytes() == before
