@@ -7,7 +7,10 @@
    cluster.yaml's node types (tests/fake_cluster.py; head without CPUs or GPUs, GPU workers
    from zero), --out on the S3 server: seconds from submit to the first GPU worker and to
    the job's end, the collection pool size the job reached, GPU workers launched, and the
-   seconds until the idle workers were removed after the job.
+   seconds until the idle workers were removed after the job. Then the same job again from
+   zero with a GPU worker terminated mid-collection: seconds to its replacement and to the
+   job's end, beside the undisturbed job's, and its artifacts checked bit for bit against
+   the undisturbed run's.
 
     python bench/cluster.py                 # both
     python bench/cluster.py --skip_cluster  # the reader only (~20 s)
@@ -98,9 +101,26 @@ def bench_reader(args) -> dict:
     return best
 
 
+def _job(c, s3_env: dict, corpus, out: str, extra_env: dict | None = None):
+    """Submit the tiny pipeline to `c` with --out `out`; -> (logs, seconds to the job's end)."""
+    env = s3_env | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    job = ["python", "-m", "ray_jobs.pipeline", "--preset", "tiny", "--out", out,
+           "--corpus", str(corpus), "--acts.use_gpu", "true", "--sweep.gpus_per_trial", "1"]
+    r, job_s = c.submit(job, env | (extra_env or {}), working_dir=False)
+    logs = r.stdout + r.stderr
+    if r.returncode != 0:
+        print(logs[-4000:])
+        raise SystemExit(f"fake cluster job ({out}) failed")
+    return logs, job_s
+
+
 def bench_cluster(args, s3_env: dict) -> dict:
-    from fake_cluster import FakeCluster, can_run
+    from fake_cluster import FakeCluster, can_run, terminate_when_hung
     from test_pipeline import _corpus
+    from test_s3 import assert_same_artifacts
+
+    from mono import acts
 
     why = can_run()
     if why:
@@ -115,30 +135,42 @@ def bench_cluster(args, s3_env: dict) -> dict:
     c.start()
     head_s = time.perf_counter() - t0
     try:
-        env = s3_env | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                        "WANDB_MODE": "offline",
-                        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-        job = ["python", "-m", "ray_jobs.pipeline", "--preset", "tiny", "--out",
-               "s3://run/tiny", "--corpus", str(corpus), "--acts.use_gpu", "true",
-               "--sweep.gpus_per_trial", "1"]
-        r, job_s = c.submit(job, env, working_dir=False)
-        logs = r.stdout + r.stderr
-        if r.returncode != 0:
-            print(logs[-4000:])
-            raise SystemExit("fake cluster job failed")
+        # 1. From zero, undisturbed.
+        logs, job_s = _job(c, s3_env, corpus, "s3://run/tiny")
         gpu = c.gpu_nodes()
         first_gpu = min(n["t"] for n in gpu.values()) - c.t_submit
         pool = re.search(r"collection: \d+ shards to do \(\d+ already done\), (\d+) actor", logs)
         t1 = time.perf_counter()
         gone = c.wait_idle_workers_gone(timeout=180)
         idle_s = time.perf_counter() - t1
+        # 2. From zero again, a GPU worker terminated mid-collection (every process of it
+        # SIGKILLed while one actor is half-way through a shard).
+        marker, seen = Path(tempfile.mkdtemp(prefix="bench-fail-")), set(c.gpu_nodes())
+        killed: dict = {}
+        watcher = terminate_when_hung(c, marker / "failed", killed)
+        _, kill_job_s = _job(c, s3_env, corpus, "s3://run/tiny-kill",
+                             {acts.FAIL_ONCE_ENV: str(marker), acts.FAIL_MODE_ENV: "hang"})
+        watcher.join(timeout=5)
+        if not killed.get("killed"):
+            raise SystemExit(f"no GPU worker was terminated: {killed}")
+        later = [n["t"] for k, n in c.gpu_nodes().items() if k not in seen and n["t"] > killed["t"]]
+        replaced = min(later) - killed["t"] if later else None
+        assert_same_artifacts("s3://run/tiny", "s3://run/tiny-kill")   # raises if not
+        c.wait_idle_workers_gone(timeout=180)
     finally:
         c.stop()
     print(f"fake cluster: head up {head_s:.1f} s; first GPU worker {first_gpu:.1f} s after "
           f"submit; job end {job_s:.1f} s after submit; collection pool "
           f"{pool.group(1) if pool else '?'} actor(s); {len(gpu)} GPU worker(s) launched; "
           f"idle workers {'removed' if gone else 'NOT removed'} {idle_s:.1f} s after the job")
-    return {"first_gpu_s": first_gpu, "job_s": job_s, "pool": pool and int(pool.group(1))}
+    print(f"fake cluster, a GPU worker terminated mid-collection "
+          f"({killed['t'] - c.t_submit:.1f} s after submit, {len(killed['killed'])} processes): "
+          f"replacement GPU worker up "
+          f"{'%.1f s' % replaced if replaced is not None else 'never'} later; job end "
+          f"{kill_job_s:.1f} s after submit ({kill_job_s / job_s:.2f}x the undisturbed job); "
+          f"artifacts bit-identical to the undisturbed run's")
+    return {"first_gpu_s": first_gpu, "job_s": job_s, "pool": pool and int(pool.group(1)),
+            "kill_job_s": kill_job_s, "replaced_s": replaced}
 
 
 def main() -> None:

@@ -33,8 +33,8 @@ footer matches (rows + metadata) and redoes the rest, so the result is exact: co
 rows, no (ctx, pos) twice. Test hook: MONO_TEST_FAIL_ONCE=<dir> makes the first shard call
 in any process fail once (a marker file in <dir> makes it exactly once), after leaving a
 half-written temporary file; MONO_TEST_FAIL_MODE=exit kills the actor process instead, and
-=hang leaves it writing forever (the marker says its node id and shard), for a test to kill
-its node.
+=hang leaves it writing forever (the marker says its node id, shard and pid), for a test
+to kill its node.
 
 Limits: the token split is always train; a rerun with another `shard_contexts` or seed into
 the same dir is refused (acts.overwrite replaces); reader.ActsReader's mixing is bounded by
@@ -247,7 +247,7 @@ class Collector:
             return
         store.write_bytes_atomic(f"{path}.tmp-crashed", b"half a shard")
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        os.write(fd, f"{node} {os.path.basename(path)}".encode())
+        os.write(fd, f"{node} {os.path.basename(path)} {os.getpid()}".encode())
         os.close(fd)
         if self.fail_mode == "exit":
             os._exit(1)

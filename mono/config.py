@@ -190,7 +190,8 @@ class ActsConfig:
     """Largest actor pool (0 = one per GPU, or CPUs - 1 on CPU)."""
     cpus_per_actor: int = 1
     """Logical CPUs each actor reserves; it overlaps that many shard writes with the LM, so
-    give GPU actors several (writing Parquet is the GPU node's bottleneck)."""
+    give GPU actors several (writing Parquet is the GPU node's bottleneck). Also its torch
+    threads unless threads_per_actor says otherwise."""
     threads_per_actor: int = 0
     """torch threads per actor (0 = its cpus_per_actor; mono/threads.py)."""
     use_gpu: bool = False
@@ -293,7 +294,8 @@ class SweepConfig:
     storage_path: str = ""
     """Where Tune keeps the experiment: '' = <out>/sweep; s3://... on multi-node clusters."""
     cpus_per_trial: float = 1.0
-    """CPUs reserved per trial (keep the total below the node's CPUs for data reads)."""
+    """CPUs reserved per trial (keep the total below the node's CPUs for data reads); its
+    torch threads (floor, at least 1: mono/threads.py)."""
     gpus_per_trial: float = 0.0
     """GPUs per trial; fractions pack several SAEs on one GPU."""
     max_concurrent_trials: int = 0

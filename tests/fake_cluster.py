@@ -15,6 +15,7 @@ is what catches node-local paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -217,21 +218,35 @@ class FakeCluster:
 
     def terminate_node(self, node_id: str) -> list[int]:
         """Terminate a worker node as its cloud would: SIGKILL, at once, every process of
-        it (its raylet with the object store, its agents, its workers: every process in this
-        cluster's PID namespace that the fake provider started with this node id, which
-        they all inherit). -> the pids killed (in this, the test's namespace)."""
+        it: its raylet (with the object store), started by the fake provider with this node
+        id in its environment, and everything under the raylet (agents, workers). -> the
+        pids killed, as the cluster's processes see them (its PID namespace's)."""
         assert self.proc is not None
         ns = _pid_ns(_children(self.proc.pid)[0])   # that of `ray start`, the namespace's init
         tag = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
-        killed = []
+        parent, tagged = {}, set()
         for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
             try:
-                if _pid_ns(pid) == ns and tag in Path(f"/proc/{pid}/environ").read_bytes(
-                        ).split(b"\0"):
-                    os.kill(pid, 9)
-                    killed.append(pid)
-            except (OSError, IndexError):   # gone meanwhile, or not ours to read
+                if _pid_ns(pid) != ns:
+                    continue
+                parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                                  .split()[1])
+                if tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    tagged.add(pid)
+            except (OSError, IndexError, ValueError):   # gone meanwhile
                 pass
+        doomed = set(tagged)
+        while True:   # every descendant of a tagged process
+            more = {p for p, pp in parent.items() if pp in doomed} - doomed
+            if not more:
+                break
+            doomed |= more
+        killed = []
+        for pid in sorted(doomed):
+            with contextlib.suppress(OSError):
+                inner = _ns_pid(pid)
+                os.kill(pid, 9)
+                killed.append(inner)
         return killed
 
     def wait_idle_workers_gone(self, timeout: float = 90) -> bool:
@@ -253,8 +268,39 @@ class FakeCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def terminate_when_hung(cluster: FakeCluster, marker: Path, out: dict) -> threading.Thread:
+    """A thread that waits for the collection actor hung mid-write (acts' fail mode "hang"
+    writes its node id, shard and pid into `marker`), then terminates that GPU node:
+    out["node"], ["shard"], ["pid"], the pids ["killed"] and the job's ["drivers"] nodes at
+    that moment, and ["t"], when (the cluster's clock)."""
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            said = marker.read_text().split() if marker.exists() else []
+            if said:
+                node = said[0]
+                out.update(node=node, shard=said[1], pid=int(said[2]),
+                           drivers=cluster.driver_nodes(),
+                           t=time.monotonic() - cluster.t_start)
+                if node not in out["drivers"]:  # else the job dies with it: a failed test
+                    out["killed"] = cluster.terminate_node(node)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _ns_pid(pid: int) -> int:
+    """The pid that process `pid` (of this namespace) has in its own, innermost one."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("NSpid:"))
+               .split()[-1])
 
 
 def _pid_ns(pid: int) -> str:

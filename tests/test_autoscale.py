@@ -19,11 +19,10 @@ Idle workers are removed afterwards.
 """
 
 import re
-import threading
 import time
 
 import pytest
-from fake_cluster import FakeCluster, can_run
+from fake_cluster import FakeCluster, can_run, terminate_when_hung
 from test_s3 import assert_same_artifacts
 
 from mono import acts, store
@@ -43,28 +42,6 @@ def cluster():
         c.stop()
 
 
-def _terminate_when_hung(cluster, marker, out: dict) -> threading.Thread:
-    """A thread that waits for the collection actor hung mid-write (acts' fail mode "hang"
-    writes its node id and shard into `marker`), then terminates that GPU node: out["node"],
-    ["shard"], the pids ["killed"] and the job's ["drivers"] nodes at that moment."""
-    def watch():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            said = marker.read_text().split() if marker.exists() else []
-            if said:
-                node = said[0]
-                out.update(node=node, shard=said[1], drivers=cluster.driver_nodes(),
-                           t=time.monotonic() - cluster.t_start)
-                if node not in out["drivers"]:  # else the job dies with it: a failed test
-                    out["killed"] = cluster.terminate_node(node)
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference, tmp_path):
     local, corpus = tiny_reference
     remote = f"s3://{s3.bucket()}/run"
@@ -77,13 +54,15 @@ def test_tiny_pipeline_scales_gpu_workers_from_zero(cluster, s3, tiny_reference,
     job = ["python", "-m", "ray_jobs.pipeline", "--preset", "tiny", "--out", remote,
            "--corpus", str(corpus), "--acts.use_gpu", "true", "--sweep.gpus_per_trial", "1"]
     terminated: dict = {}
-    watcher = _terminate_when_hung(cluster, tmp_path / "failed", terminated)
+    watcher = terminate_when_hung(cluster, tmp_path / "failed", terminated)
     r, seconds = cluster.submit(job, env, working_dir=False)
     watcher.join(timeout=5)
     logs = r.stdout + r.stderr
     assert terminated.get("node"), ("the injected hang did not happen", logs[-3000:])
     assert terminated["node"] not in terminated["drivers"], terminated  # placement changed?
-    assert len(terminated["killed"]) >= 2, terminated  # its raylet and the actor at least
+    # Its raylet, its two agents and the hung actor's worker at least.
+    assert len(terminated["killed"]) >= 4 and terminated["pid"] in terminated["killed"], \
+        terminated
     assert r.returncode == 0, logs[-6000:]
 
     gpu = cluster.gpu_nodes()
