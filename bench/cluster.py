@@ -163,10 +163,11 @@ def bench_cluster(args, s3_env: dict) -> dict:
           f"submit; job end {job_s:.1f} s after submit; collection pool "
           f"{pool.group(1) if pool else '?'} actor(s); {len(gpu)} GPU worker(s) launched; "
           f"idle workers {'removed' if gone else 'NOT removed'} {idle_s:.1f} s after the job")
+    up = f"{replaced:.1f} s" if replaced is not None else "never"
     print(f"fake cluster, a GPU worker terminated mid-collection "
           f"({killed['t'] - c.t_submit:.1f} s after submit, {len(killed['killed'])} processes): "
           f"replacement GPU worker up "
-          f"{'%.1f s' % replaced if replaced is not None else 'never'} later; job end "
+          f"{up} later; job end "
           f"{kill_job_s:.1f} s after submit ({kill_job_s / job_s:.2f}x the undisturbed job); "
           f"artifacts bit-identical to the undisturbed run's")
     return {"first_gpu_s": first_gpu, "job_s": job_s, "pool": pool and int(pool.group(1)),

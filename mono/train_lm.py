@@ -398,7 +398,14 @@ def _worker(config: dict) -> None:
 
 def check_inputs(cfg: Config) -> dict:
     """Fail before launching Ray work: token shards present, contexts fit the LM, and an
-    existing <out>/lm checkpoint was trained with the same LmConfig. Returns the manifest."""
+    existing <out>/lm checkpoint was trained with the same LmConfig, and a GPU where
+    num_workers 0 asks this process for one. Returns the manifest."""
+    tc = cfg.train_lm
+    if tc.use_gpu and tc.num_workers == 0 and not torch.cuda.is_available():
+        # On a cluster the driver runs on a CPU worker: the GPU is a Ray Train worker's.
+        raise UserError("--train_lm.use_gpu with --train_lm.num_workers 0 trains in this "
+                        "process, which sees no CUDA device; pass --train_lm.num_workers 1 "
+                        "to train in a Ray Train worker on a GPU node")
     manifest = store.tokens_manifest(cfg.out)
     _check_shapes(cfg, manifest["ctx_len"])
     for split in ("train", "val"):

@@ -15,6 +15,7 @@ import torch
 
 from mono import store, train_lm
 from mono.config import PRESETS, Config, LmConfig, TrainLmConfig, with_overrides
+from mono.errors import UserError
 
 
 def write_tokens(out: str, ctx_len: int = 64, rows: tuple[int, int] = (96, 8), n_sym: int = 16,
@@ -193,6 +194,17 @@ def test_run_with_zero_workers_trains_in_process(tmp_path):
     assert store.load_lm(str(tmp_path)).num_params() > 0
     with pytest.raises(ValueError, match="num_workers"):
         TrainLmConfig(num_workers=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this process has a GPU to train on")
+def test_use_gpu_in_this_process_without_cuda_is_refused(tmp_path):
+    """num_workers 0 trains on the caller's device: without CUDA that is an error at once
+    (a job's driver sits on a CPU worker), not a CUDA crash after the LM is built."""
+    write_tokens(str(tmp_path))
+    cfg = tiny_cfg(tmp_path, num_workers=0, use_gpu=True)
+    with pytest.raises(UserError, match="num_workers 1"):
+        train_lm.check(cfg)
+    assert not (tmp_path / "lm").exists()
 
 
 @pytest.mark.slow
