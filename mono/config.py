@@ -526,7 +526,7 @@ def with_overrides(cfg: Config, **sections: dict) -> Config:
 PRESETS: dict[str, Config] = {
     "tiny": Config(
         out="runs/tiny",
-        # Smoke-test sizes: the whole pipeline in ~40 s on 2 cores (README figures). 40 of
+        # Smoke-test sizes: the whole pipeline in well under a minute on 2 cores. 40 of
         # the embedded corpus's documents (~1 k contexts of 64), an LM trained in this process
         # (no Ray Train start-up), every context collected, one pass (~60 SAE steps).
         tokens=TokensConfig(ctx_len=64, docs_per_block=256, max_docs=40),
@@ -546,36 +546,27 @@ PRESETS: dict[str, Config] = {
     ),
     "demo": Config(
         out="runs/demo",
-        # Embedded corpus (Python 3.11.7): 724 documents, 644 k tokens. 5% of the documents
-        # give 150-380 val contexts of 128 over seeds 0-4 (2% gave 55-150 from 11-21 docs).
+        # Embedded corpus (Python 3.11.7): 724 documents, 644 k tokens; 5% of the documents
+        # for val gives a few hundred contexts of 128 to evaluate on (README figures).
         tokens=TokensConfig(ctx_len=128, val_fraction=0.05, min_val_docs=16),
-        # Paper-shaped (DESIGN.md): 128/512. The tied 50304-wide unembedding is ~97% of the
-        # FLOPs: ~1.1-1.3 k tokens/s on 2 idle cores (AMD EPYC, AVX2, fp32), 4 x 128 tokens
-        # per step. fp32 learning curve at lr 3e-3, 4 contexts/step (the best of earlier
-        # 300-800 k-token sweeps), 1200-step schedule, val loss: 6.15 at 51 k tokens, 5.81
-        # at 154 k, 5.67 at 205 k, 5.46 at 307 k, 5.33 at 512 k, 5.29 at 614 k. 450 steps =
-        # 230 k tokens fit the ~4 min LM budget (~0.7 nat below the train-unigram
-        # cross-entropy, 6.34); 1 nat below it takes ~500 k tokens (~8 min here), 1 nat
-        # below the val split's own unigram entropy (5.85) ~2 M (~30 min). A 64-wide LM runs
-        # 1.7x the tokens/s with the same loss per token up to ~400 k tokens (5.46 at 461 k).
+        # Paper-shaped (DESIGN.md): 128/512, where the tied 50304-wide unembedding is ~97%
+        # of the FLOPs. 450 steps of 4 x 128 tokens (230 k) at lr 3e-3 are what fits the
+        # LM's share of a ~10 min demo on 2 cores, and end well below a unigram model's
+        # cross-entropy (README figures: the learning curve and tokens/s).
         lm=LmConfig(block_size=128),
         train_lm=TrainLmConfig(max_iters=450, batch_size=4, grad_accum=1, lr=3e-3,
                                min_lr=3e-4, warmup_iters=30, eval_interval=225, eval_iters=40,
                                log_interval=50),
         # Half the positions of T=128 (paper: 250 of 1024): ~300 k rows from the embedded
-        # corpus's ~4.7 k train contexts, collected in well under a minute on 2 cores.
+        # corpus's ~4.7 k train contexts.
         acts=ActsConfig(tokens_per_context=64, n_contexts=0, batch_contexts=32,
                         shard_contexts=256),
         # 2x dictionary, ~4 passes over the ~300 k rows (train_sae warns that rows repeat),
-        # resampling at 1/4, 1/2, 3/4 of the run. Tuned on a demo-shaped LM (328 k tokens,
-        # val 5.98): lr 3e-4 (the paper's) left 4 of 1024 features dead over the last 400
-        # steps where lr 1e-3 left 456; l1 5e-3 gave L0 8.3, loss recovered 0.993; 2048
-        # features or l1 1e-2 lost more features. ~1.5 min of SAE steps on 2 idle cores. Evals
-        # at steps 600 and 1200 on 64 x 128 val tokens: 2 unembedding passes each (L_sae and
-        # the KL, L_bdec) + 4 once (L_orig, L_zero, L_mean, the KL's reference); 128 contexts
-        # cost 425 s per first eval on the box at load ~35 (with an earlier, dearer KL). The
-        # mean is over all ~300 k rows (9 s there, once); densities over the last 300 steps'
-        # rows (after the last resample: resolution 3e-6).
+        # resampling at 1/4, 1/2, 3/4 of the run. lr 3e-4 is the paper's (1e-3 left far more
+        # features dead; README figures, "demo SAE settings"). Two evals, at the middle and
+        # the end, on 64 x 128 val tokens (each costs unembedding passes: few contexts); the
+        # mean over all ~300 k rows; densities over the last 300 steps' rows (after the last
+        # resample: resolution 3e-6).
         sae=SaeConfig(n_features=1024, l1_coeff=5e-3, lr=3e-4, batch_size=1024, n_steps=1200,
                       resample_at=(300, 600, 900), dead_window=150, resample_inputs=65_536,
                       geom_median_samples=4096, shuffle_buffer=65_536, eval_interval=600,
@@ -586,10 +577,9 @@ PRESETS: dict[str, Config] = {
         # a pack's 2 CPUs give torch 2 threads for the members' steps (README figures).
         sweep=SweepConfig(l1_coeff=(2e-3, 5e-3, 1.2e-2), lr=(3e-4,), n_features=(256, 512, 1024),
                           cpus_per_trial=2.0),
-        # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens): 41 s on
-        # the shared 2-core box at load ~10 (two scans 34 s with Ray worker start-up, tables
-        # + pages 6 s). The demo's short SAE runs end at L0 ~23-40 (paper: < 10-20), so the
-        # default trial is the best loss_recovered_mean with L0 <= 30.
+        # All ~300 k rows, paper-style pages (top 10, 12 intervals x 5, +-4 tokens). The
+        # default trial is the best loss_recovered_mean with L0 <= 30: the short demo runs may
+        # end above the paper's L0 (< 10-20).
         analysis=AnalysisConfig(target_l0=30.0),
     ),
     "paper": Config(
