@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mono import metrics, store, train_sae
+from mono import metrics, sae_files, store, train_sae
 from mono.config import PRESETS
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae,
                                                            eval_contexts=args.eval_contexts))
     lm = store.load_lm(cfg.out)
-    sae, _ = train_sae.load_sae(args.sae)
+    sae, _ = sae_files.load_sae(args.sae)
     mean = train_sae.check_inputs(cfg)["mean"]
     ev = metrics.EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
     print(f"{ev.n_tokens} eval tokens, {sae.n_features} features, 1 thread")

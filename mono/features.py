@@ -71,8 +71,8 @@ from mono.acts import tokens_identity
 from mono.config import Config
 from mono.errors import MissingInput, UserError
 from mono.sae import SparseAutoencoder
+from mono.sae_files import load_sae
 from mono.tokens import gpt2
-from mono.train_sae import load_sae
 
 logger = logging.getLogger(__name__)
 

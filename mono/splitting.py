@@ -68,7 +68,7 @@ from mono import family_pages, features, pages, reader, store, threads
 from mono.config import Config
 from mono.errors import MissingInput, UserError
 from mono.sae import SparseAutoencoder
-from mono.train_sae import load_sae
+from mono.sae_files import load_sae
 
 logger = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import cluster, pack, pages, resample, store, threads, train_sae
+from mono import cluster, pack, pages, resample, sae_files, store, threads, train_sae
 from mono.config import Config
 from mono.errors import BadOutput, MissingInput, UserError
 from mono.trial import HEADLINE, train_pack_trial, train_trial
@@ -194,23 +194,23 @@ class DensityHistograms(tune.Callback):
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         fs, path = checkpoint.filesystem, checkpoint.path
-        if fs.get_file_info(f"{path}/{train_sae.STATE}").type == pafs.FileType.File:
+        if fs.get_file_info(f"{path}/{sae_files.STATE}").type == pafs.FileType.File:
             runs = [("ray/tune/log10_density", path)]
         else:  # a pack's checkpoint: one train_sae checkpoint per member
             runs = [(f"ray/tune/{i.base_name}/log10_density", i.path)
                     for i in fs.get_file_info(pafs.FileSelector(path))
-                    if fs.get_file_info(f"{i.path}/{train_sae.STATE}").type
+                    if fs.get_file_info(f"{i.path}/{sae_files.STATE}").type
                     == pafs.FileType.File]
         for tag, run in runs:
             self._write(trial, fs, tag, run)
 
     def _write(self, trial, fs, tag: str, path: str) -> None:
-        with fs.open_input_file(f"{path}/{train_sae.STATE}") as fh:
+        with fs.open_input_file(f"{path}/{sae_files.STATE}") as fh:
             state = json.loads(fh.read())
         history = state.get("history") or [{}]
         if history[-1].get("step") != state["step"]:  # not an eval step: nothing new
             return
-        with fs.open_input_file(f"{path}/{train_sae.DENSITY}") as fh:
+        with fs.open_input_file(f"{path}/{sae_files.DENSITY}") as fh:
             density = np.load(io.BytesIO(fh.read()))                           # (F,)
         writer = self._writers.get(trial.trial_id)
         if writer is None:
@@ -426,14 +426,14 @@ def _trial_entries(exp: str, name: str) -> list[dict]:
     out = []
     for member in params["pack"]:
         m = pack.member_name(member)
-        md = store.join(d, train_sae.EXPORT, m)
+        md = store.join(d, sae_files.EXPORT, m)
         entry = {**whole, "name": f"{name}/{m}", "trial": name, "dir": md, **member,
                  "last_report": _member_report(d, m)}
-        if all(store.exists(store.join(md, f)) for f in ("cfg.json", train_sae.SAE_WEIGHTS,
-                                                          train_sae.METRICS)):
+        if all(store.exists(store.join(md, f)) for f in ("cfg.json", sae_files.SAE_WEIGHTS,
+                                                          sae_files.METRICS)):
             entry.pop("error", None)
             entry |= {"status": "done", "sae_dir": md,
-                      "metrics": store.read_json(store.join(md, train_sae.METRICS))}
+                      "metrics": store.read_json(store.join(md, sae_files.METRICS))}
         elif store.exists(store.join(md, pack.FAILED)):
             failed = store.read_json(store.join(md, pack.FAILED))
             entry |= {"status": "error",
@@ -465,12 +465,12 @@ def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
              "reports": len(lines), "last_report": _metrics_only(last),
              # the Ray node id of the trial's last report, and its torch threads
              "node": last.get("node"), "threads": last.get("threads")}
-    done = all(store.exists(store.join(d, train_sae.EXPORT, f))
-               for f in ("cfg.json", train_sae.SAE_WEIGHTS)) and store.exists(
-        store.join(d, train_sae.METRICS))
+    done = all(store.exists(store.join(d, sae_files.EXPORT, f))
+               for f in ("cfg.json", sae_files.SAE_WEIGHTS)) and store.exists(
+        store.join(d, sae_files.METRICS))
     if done:
-        entry |= {"status": "done", "sae_dir": store.join(d, train_sae.EXPORT),
-                  "metrics": store.read_json(store.join(d, train_sae.METRICS))}
+        entry |= {"status": "done", "sae_dir": store.join(d, sae_files.EXPORT),
+                  "metrics": store.read_json(store.join(d, sae_files.METRICS))}
     else:
         error = store.join(d, "error.txt")
         entry["status"] = "error" if store.exists(error) else "unfinished"

@@ -1,22 +1,10 @@
-"""Stage 4: train one sparse autoencoder on the activation shards; checkpoints, export.
+"""Stage 4: train one sparse autoencoder on the activation shards.
 
 Reads <out>/acts (manifest + Parquet shards), and through its eval (mono.metrics)
 <out>/tokens/val (the eval contexts) and <out>/lm (the LM the eval splices the SAE into).
 Writes, through mono.metrics, <out>/acts/mean.json once per activation dataset
 (`acts_mean`: the training rows' mean activation, cached), and under `workdir`, a local
-directory:
-
-    checkpoint/     the latest checkpoint, replaced atomically (written to a temporary dir,
-                    then renamed): sae.safetensors, trainer.safetensors (FeatureAdam moments
-                    and per-feature step counts, the fired mask), state.json (step, reader
-                    position, resampling RNG, metrics history, cached eval baselines, what
-                    the run trained on; the fire counts (mono.density) and the dead-window
-                    mask sit in trainer.safetensors as run.fires.* / run.window),
-                    density.npy (training-window densities (F,) of the last eval)
-    sae/            the export: cfg.json + sae.safetensors, and sae_lens/ (cfg.json +
-                    sae_weights.safetensors) in SAELens's on-disk format
-    metrics.json    the final metrics; history.json every eval's
-    density.png     log10 training-window feature-density histogram of the last eval
+directory, its checkpoint, export, metrics and density plot (layout: mono.sae_files).
 
 Training (paper; DESIGN.md "SAE"): `Trainer` steps (Adam with per-feature step counts,
 decoder gradient projection, renormalisation every step) on batches that `ActsReader`
@@ -67,20 +55,6 @@ Test-only fault switch: MONO_TEST_SAE_FAIL_AT="<step>:<marker path>" raises Runt
 once, right after that step's update (before its eval/checkpoint), if the marker file does
 not exist yet (it is created first), so a retried run resumes and passes.
 
-Loading the export elsewhere:
-
-    from mono.train_sae import load_sae
-    sae, cfg = load_sae("runs/demo/sae_single/sae")        # SparseAutoencoder + cfg.json
-
-    from sae_lens import SAE                               # SAELens 5.x and 6.x
-    sae = SAE.load_from_disk("runs/demo/sae_single/sae/sae_lens", device="cpu")
-
-The SAELens cfg.json uses the flat pre-6.0 keys (d_in, d_sae, architecture "standard",
-hook_name, model_name, ...) without a sae_lens_version, which SAELens 6 converts on load
-(`handle_pre_6_0_config`) and SAELens 5 reads as is. The hook name follows TransformerLens
-("blocks.0.mlp.hook_post"), but the model is mono's own LM, not a TransformerLens one:
-feed SAELens activations from `Lm.mlp_acts`.
-
 Limits: float32 only; workdir must be a local path (checkpoints rename directories); one
 process, one device; the eval holds its cache on the training device.
 """
@@ -93,9 +67,7 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -115,18 +87,27 @@ from mono.metrics import EvalSet, acts_mean, density_histogram
 from mono.reader import ActsReader, LocalShardSource, check_shards, local_shards, shard_list
 from mono.resample import ResampleSource, resample, source_at
 from mono.sae import SparseAutoencoder, Trainer
+from mono.sae_files import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    DENSITY,
+    DENSITY_PNG,
+    HISTORY,
+    METRICS,
+    SAE_WEIGHTS,
+    STATE,
+    TRAINER_STATE,
+    check_resumable,
+    export,
+    latest_checkpoint,
+    load_weights,
+    read_checkpoint,
+    write_dir_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 FAIL_AT_ENV = "MONO_TEST_SAE_FAIL_AT"
-CHECKPOINT, EXPORT, SAE_LENS = "checkpoint", "sae", "sae_lens"
-SAE_WEIGHTS, TRAINER_STATE, STATE, DENSITY = (
-    "sae.safetensors", "trainer.safetensors", "state.json", "density.npy")
-METRICS, HISTORY, DENSITY_PNG = "metrics.json", "history.json", "density.png"
-CHECKPOINT_FORMAT = "mono.sae_checkpoint/2"
-# SaeConfig fields a resume may change; any other difference means another experiment.
-RESUMABLE_CHANGES = ("n_steps", "eval_interval", "checkpoint_interval", "report_interval",
-                     "device", "ultralow_density")
 # Domain tags for np.random.default_rng([seed, tag, ...]): unrelated streams (mono.metrics's
 # eval contexts use 13).
 _RESAMPLE, _SOURCE = 11, 12
@@ -237,153 +218,6 @@ class _SeededSource:
         return x
 
 
-# --- checkpoints -----------------------------------------------------------------------
-
-
-def _write_dir_atomic(final: str, files: dict[str, bytes]) -> None:
-    """Write `files` into a fresh temporary sibling dir, then swap it in for `final`.
-
-    A crash leaves either the old or the new directory complete: between the two renames
-    only `final.prev` exists, and `latest_checkpoint` falls back to it.
-    """
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    for name, data in files.items():
-        with open(os.path.join(tmp, name), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    prev = f"{final}.prev"
-    shutil.rmtree(prev, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, prev)
-    os.rename(tmp, final)
-    shutil.rmtree(prev, ignore_errors=True)
-
-
-def latest_checkpoint(workdir: str) -> str | None:
-    """workdir/checkpoint, or the previous one a crash mid-swap left, or None. Deletes
-    temporary dirs of interrupted writes."""
-    final = os.path.join(workdir, CHECKPOINT)
-    if os.path.isdir(workdir):
-        for name in os.listdir(workdir):
-            if name.startswith((f"{CHECKPOINT}.tmp-", f"{EXPORT}.tmp-")):
-                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-    for path in (final, f"{final}.prev"):
-        if os.path.isdir(path):
-            return path
-    return None
-
-
-def read_checkpoint(path: str) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
-    """(state.json + "density", SAE weights, trainer state) of a checkpoint dir; ValueError
-    if any part is missing or unreadable."""
-    try:
-        with open(os.path.join(path, STATE), "rb") as fh:
-            state = json.loads(fh.read())
-        weights = safetensors.torch.load_file(os.path.join(path, SAE_WEIGHTS))
-        trainer = safetensors.torch.load_file(os.path.join(path, TRAINER_STATE))
-    except (OSError, ValueError, safetensors.SafetensorError) as err:
-        raise ValueError(f"unreadable SAE checkpoint {path}: {err}") from err
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}/{STATE} is not a mono SAE checkpoint of this version "
-                         f"(format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}): "
-                         f"start the run afresh in another workdir")
-    try:
-        with open(os.path.join(path, DENSITY), "rb") as fh:
-            state["density"] = np.load(fh)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"unreadable SAE checkpoint {path}: {err}") from err
-    return state, weights, trainer
-
-
-def check_resumable(path: str, state: dict, cfg: Config, inputs: dict) -> None:
-    """Refuse a checkpoint of another dictionary, width, SAE setting or dataset."""
-    problems = []
-    if state["H"] != inputs["H"]:
-        problems.append(f"input width H={state['H']} (now {inputs['H']})")
-    if state["acts_sha256"] != inputs["acts_sha256"]:
-        problems.append(f"activation dataset {state['acts_sha256'][:12]} (now "
-                        f"{inputs['acts_sha256'][:12]})")
-    if state["seed"] != cfg.seed:
-        problems.append(f"seed={state['seed']} (now {cfg.seed})")
-    now = dataclasses.asdict(cfg.sae)
-    for k, v in state["sae"].items():
-        if k not in RESUMABLE_CHANGES and json.loads(json.dumps(now.get(k))) != v:
-            problems.append(f"sae.{k}={v!r} (now {now.get(k)!r})")
-    if problems:
-        raise ValueError(f"checkpoint {path} belongs to another run: {'; '.join(problems)}")
-
-
-# --- export ----------------------------------------------------------------------------
-
-
-def hook_name(cfg: Config) -> str:
-    """TransformerLens's name for the SAE's input: the last block's MLP post-activation."""
-    return f"blocks.{cfg.lm.n_layer - 1}.mlp.hook_post"
-
-
-def sae_lens_cfg(cfg: Config, sae: SparseAutoencoder, inputs: dict) -> dict:
-    """SAELens's cfg.json for a standard (ReLU) SAE, flat pre-6.0 keys (module docstring)."""
-    return {
-        "architecture": "standard", "d_in": sae.d_in, "d_sae": sae.n_features,
-        "activation_fn_str": "relu", "activation_fn_kwargs": {},
-        "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
-        "normalize_activations": "none", "dtype": "float32", "device": "cpu",
-        "model_name": f"mono-lm-{inputs['lm_sha256'][:12]}", "hook_name": hook_name(cfg),
-        "hook_layer": cfg.lm.n_layer - 1, "hook_head_index": None,
-        "context_size": inputs["ctx_len"], "prepend_bos": False,
-        "dataset_path": store.Layout(cfg.out).acts, "dataset_trust_remote_code": False,
-        "sae_lens_training_version": None, "neuronpedia_id": None,
-        "model_from_pretrained_kwargs": {},
-    }
-
-
-def export(workdir: str, cfg: Config, sae: SparseAutoencoder, inputs: dict,
-           metrics: dict) -> str:
-    """Write workdir/sae/ (cfg.json, sae.safetensors, sae_lens/) atomically; returns it."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    blob = safetensors.torch.save(weights, metadata={"format": "mono.sae/1"})
-    info = {
-        "format": "mono.sae/1", "d_in": sae.d_in, "n_features": sae.n_features,
-        "l1_coeff": sae.l1_coeff, "hook_point": hook_name(cfg),
-        "hook_doc": "last block's MLP activation after the GELU, before c_proj (Lm.mlp_acts)",
-        "sae": dataclasses.asdict(cfg.sae), "seed": cfg.seed, "out": cfg.out,
-        "acts_sha256": inputs["acts_sha256"], "lm_sha256": inputs["lm_sha256"],
-        "tokens_sha256": inputs["manifest"]["tokens_sha256"], "ctx_len": inputs["ctx_len"],
-        "metrics": metrics,
-    }
-    final = os.path.join(workdir, EXPORT)
-    _write_dir_atomic(final, {"cfg.json": json.dumps(info, indent=2).encode(),
-                              SAE_WEIGHTS: blob})
-    lens_cfg = json.dumps(sae_lens_cfg(cfg, sae, inputs), indent=2).encode()
-    _write_dir_atomic(os.path.join(final, SAE_LENS),
-                      {"cfg.json": lens_cfg, "sae_weights.safetensors": blob})
-    return final
-
-
-def load_sae(sae_dir: str, device: str = "cpu") -> tuple[SparseAutoencoder, dict]:
-    """(SparseAutoencoder, its cfg.json dict) from an export dir (workdir/sae), local or a
-    URI."""
-    try:  # through store: sae_dir may be a local path or an s3:// / gs:// URI
-        info = store.read_json(store.join(sae_dir, "cfg.json"))
-        weights = safetensors.torch.load(store.read_bytes(store.join(sae_dir, SAE_WEIGHTS)))
-    except (OSError, ValueError, safetensors.SafetensorError) as err:
-        raise UserError(f"unreadable SAE export {sae_dir}: {err}") from err
-    sae = SparseAutoencoder(info["d_in"], info["n_features"], info["l1_coeff"], device=device)
-    _load_weights(sae, weights, sae_dir)
-    return sae.eval(), info
-
-
-def _load_weights(sae: SparseAutoencoder, weights: dict[str, Tensor], where: str) -> None:
-    want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if want != got:
-        raise UserError(f"SAE weights in {where} have shapes {got}, expected {want} "
-                        f"(n_features={sae.n_features}, H={sae.d_in})")
-    sae.load_state_dict(weights)
-
-
 # --- the training run ------------------------------------------------------------------
 
 
@@ -479,7 +313,7 @@ class SaeRun:
 
     def _restore(self, path: str, state: dict, weights: dict[str, Tensor],
                  trainer: dict[str, Tensor]) -> None:
-        _load_weights(self.sae, {k: v.to(self.device) for k, v in weights.items()}, path)
+        load_weights(self.sae, {k: v.to(self.device) for k, v in weights.items()}, path)
         try:
             self.trainer.load_state_dict({k: v.to(self.device) for k, v in trainer.items()})
         except (KeyError, ValueError) as err:
@@ -526,7 +360,7 @@ class SaeRun:
         buf = io.BytesIO()
         np.save(buf, self.density)
         path = os.path.join(self.workdir, CHECKPOINT)
-        _write_dir_atomic(path, {
+        write_dir_atomic(path, {
             SAE_WEIGHTS: safetensors.torch.save(weights),
             TRAINER_STATE: safetensors.torch.save(trainer_state),
             STATE: json.dumps(state).encode(), DENSITY: buf.getvalue()})

@@ -40,10 +40,10 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from mono import pack, pages, store, threads, train_sae
+from mono import pack, pages, sae_files, store, threads, train_sae
 from mono.config import Config
 
-PUBLISHED = (train_sae.METRICS, train_sae.HISTORY, train_sae.DENSITY_PNG)
+PUBLISHED = (sae_files.METRICS, sae_files.HISTORY, sae_files.DENSITY_PNG)
 """Files of a finished trial's workdir copied next to its sae/ (plus density.npy)."""
 HEADLINE = pages.HEADLINE
 """Tune's metric (mode max): loss recovered against mean ablation (DESIGN.md: the sweep's
@@ -182,7 +182,7 @@ def _scalar(v) -> bool:
 def _checkpoint_step(path: str | None) -> int:
     if path is None:
         return 0
-    with open(os.path.join(path, train_sae.STATE)) as fh:
+    with open(os.path.join(path, sae_files.STATE)) as fh:
         return int(json.load(fh)["step"])
 
 
@@ -202,13 +202,13 @@ def publish(workdir: str, dest: str, export_to: str | None = None) -> None:
     its local workdir to the trial dir in storage (sae/ replaced whole; export_to: put the
     export there instead of <dest>/sae)."""
     fs, dest_path = store.resolve(dest)
-    sae_dest = store.resolve(export_to)[1] if export_to else f"{dest_path}/{train_sae.EXPORT}"
+    sae_dest = store.resolve(export_to)[1] if export_to else f"{dest_path}/{sae_files.EXPORT}"
     if fs.get_file_info(sae_dest).type != pafs.FileType.NotFound:
         fs.delete_dir(sae_dest)
-    pafs.copy_files(os.path.join(workdir, train_sae.EXPORT), sae_dest,
+    pafs.copy_files(os.path.join(workdir, sae_files.EXPORT), sae_dest,
                     destination_filesystem=fs)
     files = {f: os.path.join(workdir, f) for f in PUBLISHED}
-    files["density.npy"] = os.path.join(workdir, train_sae.CHECKPOINT, train_sae.DENSITY)
+    files["density.npy"] = os.path.join(workdir, sae_files.CHECKPOINT, sae_files.DENSITY)
     for name, src in files.items():
         with open(src, "rb") as fh:
             store.write_bytes_atomic(store.join(dest, name), fh.read())
@@ -218,7 +218,7 @@ def publish_pack(workdir: str, status: dict[str, dict], dest: str) -> None:
     """Each finished member's export + metrics to <dest>/sae/<name>/ (what `publish` puts
     in a one-SAE trial dir), a failed member's failed.json there."""
     for name, st in status.items():
-        target = store.join(dest, train_sae.EXPORT, name)
+        target = store.join(dest, sae_files.EXPORT, name)
         if st["status"] == "done":
             publish(os.path.join(workdir, name), target, export_to=target)
         else:

@@ -9,7 +9,7 @@ subprocess's private RAY_TMPDIR stays empty: a local `ray.init` creates its sess
 there). The subprocesses run two at a time; each is mostly imports (torch, ray.data: ~2.5 s
 of CPU). One module fixture writes a tiny run dir without Ray: token shards and an
 untrained tiny LM through mono.store, activation shards through `acts.Collector`, an SAE
-export through `train_sae.export`; each case copies the stage it needs. The rest test
+export through `sae_files.export`; each case copies the stage it needs. The rest test
 mono.cli's mechanism and the pipeline's stage checks in process.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from mono import acts, cli, reader, store, train_sae
+from mono import acts, cli, reader, sae_files, store, train_sae
 from mono.config import PRESETS, with_overrides
 from mono.errors import BadOutput, MissingInput, UserError
 from mono.lm import Lm
@@ -75,7 +75,7 @@ def built(tmp_path_factory):
     store.write_json(store.Layout(cfg.out).acts_manifest,
                      acts._manifest(cfg, settings, tm, chunks))
     sae = SparseAutoencoder(cfg.lm.d_mlp, cfg.sae.n_features, cfg.sae.l1_coeff)
-    train_sae.export(store.join(cfg.out, "sae_single"), cfg, sae, train_sae.check_inputs(cfg),
+    sae_files.export(store.join(cfg.out, "sae_single"), cfg, sae, train_sae.check_inputs(cfg),
                      metrics={})
     return dirs
 

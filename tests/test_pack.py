@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from test_train_sae import assert_same_weights, make_cfg, run_dir  # noqa: F401  (fixture)
 
-from mono import pack, train_sae
+from mono import pack, sae_files, train_sae
 from mono.sae import SparseAutoencoder, Trainer
 
 A, B = {"l1_coeff": 3e-3, "lr": 3e-3}, {"l1_coeff": 1e-2, "lr": 1e-3}
@@ -82,7 +82,7 @@ def test_a_pack_equals_separate_runs(packed, separate):
         history = json.load(open(os.path.join(got["dir"], "history.json")))
         alone = json.load(open(os.path.join(workdir, "history.json")))
         assert [stable(h) for h in history] == [stable(h) for h in alone]
-        sae, info = train_sae.load_sae(os.path.join(got["dir"], "sae"))
+        sae, info = sae_files.load_sae(os.path.join(got["dir"], "sae"))
         assert_same_weights(sae.state_dict(), weights(workdir))
         assert info["l1_coeff"] == metrics_l1(name)
         assert os.path.isfile(os.path.join(got["dir"], "sae", "sae_lens",

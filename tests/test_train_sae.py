@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from mono import acts, store, train_lm, train_sae
+from mono import acts, sae_files, store, train_lm, train_sae
 from mono.config import PRESETS, with_overrides
 from mono.metrics import EvalSet, acts_mean, eval_contexts
 from mono.reader import ActsReader
@@ -165,7 +165,7 @@ def test_eval_baselines_are_cached_and_the_lm_uses_its_mlp(straight, run_dir):
 def test_eval_metrics_match_a_naive_computation(straight, run_dir):
     cfg = run_dir["cfg"]
     lm = store.load_lm(cfg.out)
-    sae, _ = train_sae.load_sae(os.path.join(straight["workdir"], "sae"))
+    sae, _ = sae_files.load_sae(os.path.join(straight["workdir"], "sae"))
     ev = EvalSet(cfg, lm, torch.device("cpu"), sae.n_features)
     mean = acts_mean(cfg, train_sae.check_inputs(cfg))
     metrics, density = ev.evaluate(sae, mean)
@@ -274,7 +274,7 @@ def test_eval_contexts_are_a_seeded_sample_shared_by_a_sweep(run_dir, straight):
 
 def test_export_round_trips_and_sae_lens_layout(straight):
     export = os.path.join(straight["workdir"], "sae")
-    sae, info = train_sae.load_sae(export)
+    sae, info = sae_files.load_sae(export)
     assert_same_weights({k: v for k, v in sae.state_dict().items()}, straight["weights"])
     assert info["d_in"] == 128 and info["n_features"] == 512 and info["sae"]["l1_coeff"] == 3e-3
     assert info["hook_point"] == "blocks.0.mlp.hook_post" and len(info["acts_sha256"]) == 64
@@ -356,7 +356,7 @@ def test_finished_run_resumes_to_its_export(straight, run_dir, tmp_path):
     calls = []
     m = train_sae.train(run_dir["cfg"], workdir, on_eval=lambda *a: calls.append(a))
     assert calls == [] and m == straight["metrics"]
-    sae, _ = train_sae.load_sae(os.path.join(workdir, "sae"))
+    sae, _ = sae_files.load_sae(os.path.join(workdir, "sae"))
     assert_same_weights(sae.state_dict(), straight["weights"])
 
 
@@ -364,7 +364,7 @@ def test_crash_between_checkpoint_renames_falls_back_to_the_previous(straight, t
     workdir = tmp_path / "w"
     shutil.copytree(os.path.join(straight["workdir"], "checkpoint"), workdir / "checkpoint.prev")
     (workdir / "checkpoint.tmp-deadbeef").mkdir()
-    assert train_sae.latest_checkpoint(str(workdir)) == str(workdir / "checkpoint.prev")
+    assert sae_files.latest_checkpoint(str(workdir)) == str(workdir / "checkpoint.prev")
     assert not (workdir / "checkpoint.tmp-deadbeef").exists()
 
 
