@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _rss import descendants, hwm_kb  # bench/ is on sys.path when run as a script
 
-from mono import features, reader, store  # noqa: E402
+from mono import features, reader, scan, store  # noqa: E402
 from mono.config import PRESETS, with_overrides  # noqa: E402
 from mono.lm import Lm  # noqa: E402
 from mono.sae import SparseAutoencoder  # noqa: E402
@@ -107,7 +107,7 @@ def side_by_side(out: str, rounds: int = 3, batch: int = 4096) -> dict:
     state = {k: v.detach().numpy() for k, v in sae.state_dict().items()}
     listed = store.read_json(os.path.join(out, "manifest-x1.json"))["files"]
     shards = reader.shard_list([os.path.join(store.Layout(out).acts, f["name"]) for f in listed])
-    pieces = features.plan_pieces(shards, 0)
+    pieces = scan.plan_pieces(shards, 0)
     x = torch.cat([reader.to_float32(np.array(store.table_acts(store.read_table(f))[3]), "float16")
                    for f in shards["files"]])                                # (rows, H)
     common = {"batch_rows": batch, "seed": 0}
@@ -120,12 +120,12 @@ def side_by_side(out: str, rounds: int = 3, batch: int = 4096) -> dict:
                 sae.encode(x[s:s + batch])
         times["encode"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        top = features.scan(pieces, shards["files"], "float16", state, common | {
+        top = scan.scan(pieces, shards["files"], "float16", state, common | {
             "kind": "top", "k": 10})
         times["pass1"].append(time.perf_counter() - t0)
         max_act = top.max_act.numpy()
         t0 = time.perf_counter()
-        features.scan(pieces, shards["files"], "float16", state, common | {
+        scan.scan(pieces, shards["files"], "float16", state, common | {
             "kind": "intervals", "max_act": max_act, "n_intervals": 12, "per_interval": 5,
             "n_bins": 32})
         times["pass2"].append(time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 of matching a dictionary of S features against one of L at H 512, as S x L grows to the
 paper's 16,384 x 65,536 (runs A/2 -> A/4), each size in its own subprocess.
 
-    .venv/bin/python bench/splitting.py                   # ~2-4 min on 2 loaded cores
+    .venv/bin/python bench/splitting.py                   # ~1 min on 2 idle cores, 2-4 loaded
     .venv/bin/python bench/splitting.py --sizes 1024:4096 4096:16384
 
 Synthetic decoders: random unit rows (float32), drawn in the child process. Per size the

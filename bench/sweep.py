@@ -1,6 +1,6 @@
 """Benchmark: packed SAEs vs separate runs on the same data; reader rows/s per core; draws.
 
-    .venv/bin/python bench/sweep.py                  # ~3-4 min on 2 loaded cores
+    .venv/bin/python bench/sweep.py                  # ~1 min on 2 idle cores, ~3-4 loaded
     .venv/bin/python bench/sweep.py --k 4 --steps 200 --n_features 2048
 
 Builds a small run once in a temp dir (synthetic token shards, the tiny LM trained for a few
@@ -230,6 +230,11 @@ def main() -> None:
         build_run(args.out, args.contexts)
         print(f"built {args.out} in {time.perf_counter() - t0:.0f} s")
     rows_total = store.acts_manifest(args.out)["rows"]
+    # The activation mean (acts/mean.json) is computed once per dataset and cached: compute
+    # it here, or the first mode measured pays its full read of the shards alone.
+    from mono import train_sae
+
+    train_sae.check_inputs(base_cfg(args.out, args))
     if args.steps * args.batch_size > rows_total:
         sys.exit(f"{args.steps} steps x {args.batch_size} > the {rows_total} rows")
     rows = []

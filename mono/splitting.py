@@ -64,7 +64,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from mono import family_pages, features, pages, reader, store, threads
+from mono import family_pages, features, pages, reader, scan, store, threads
 from mono.config import Config
 from mono.errors import MissingInput, UserError
 from mono.sae import SparseAutoencoder
@@ -186,7 +186,7 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
            "fired": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "cross": [torch.zeros(len(p), dtype=torch.float64) for p in pairs]}
     for fi, rg, take in pieces:
-        handle = features._open(files[fi])
+        handle = scan.open_shard(files[fi])
         table = handle.read_row_group(rg, columns=["acts"]).slice(0, take)
         handle.close()
         x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
@@ -241,9 +241,9 @@ def correlations(cfg: Config, saes: list, pairs: list[np.ndarray]) -> tuple[list
     densities on the sample, rows)."""
     sp = cfg.splitting
     shards = reader.shard_list(cfg.out)
-    pieces = features.plan_pieces(shards, sp.sample_rows)
+    pieces = scan.plan_pieces(shards, sp.sample_rows)
     n_tasks = sp.n_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    groups = features.split_tasks(pieces, n_tasks)
+    groups = scan.split_tasks(pieces, n_tasks)
     # one object each (refs nested in a list would reach the task unresolved)
     saes_ref = ray.put([{k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}
                         for m in saes])

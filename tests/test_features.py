@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from test_pages import check_page_is_inert
 
-from mono import acts, features, pages, reader, store
+from mono import acts, features, pages, reader, scan, store
 from mono.config import PRESETS, with_overrides
 from mono.lm import Lm
 from mono.sae import SparseAutoencoder
@@ -239,16 +239,16 @@ def test_decode_window_exact_cases():
 
 def test_scan_state_does_not_grow_with_rows(run):
     shards = reader.shard_list(run["out"])
-    pieces = features.plan_pieces(shards, 0)
+    pieces = scan.plan_pieces(shards, 0)
     sae = run["sae"]
     state = {k: v.detach().numpy() for k, v in sae.state_dict().items()}
     common = {"batch_rows": 128, "seed": 0}
     sizes, peaks = {}, {}
     for times in (1, 4):
         tracemalloc.start()
-        top = features.scan(pieces * times, shards["files"], shards["dtype"], state,
+        top = scan.scan(pieces * times, shards["files"], shards["dtype"], state,
                             common | {"kind": "top", "k": 5})
-        inter = features.scan(pieces * times, shards["files"], shards["dtype"], state,
+        inter = scan.scan(pieces * times, shards["files"], shards["dtype"], state,
                               common | {"kind": "intervals", "max_act": top.max_act.numpy(),
                                         "n_intervals": 4, "per_interval": 2, "n_bins": 8})
         peaks[times] = tracemalloc.get_traced_memory()[1]
@@ -263,12 +263,12 @@ def test_scan_state_does_not_grow_with_rows(run):
 def test_plan_pieces_samples_every_shard_in_proportion(run):
     shards = reader.shard_list(run["out"])
     total = sum(shards["rows"])
-    pieces = features.plan_pieces(shards, total // 4)
+    pieces = scan.plan_pieces(shards, total // 4)
     per_file = np.bincount([p[0] for p in pieces], weights=[p[2] for p in pieces],
                            minlength=len(shards["files"]))
     np.testing.assert_allclose(per_file, np.array(shards["rows"]) / 4, atol=1)
-    groups = features.split_tasks(features.plan_pieces(shards, 0), 3)
-    assert len(groups) == 3 and sum(len(g) for g in groups) == len(features.plan_pieces(shards, 0))
+    groups = scan.split_tasks(scan.plan_pieces(shards, 0), 3)
+    assert len(groups) == 3 and sum(len(g) for g in groups) == len(scan.plan_pieces(shards, 0))
 
 
 def test_max_rows_scans_a_sample(run, tmp_path):
