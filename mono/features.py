@@ -107,7 +107,8 @@ def best_trial(trials: list[dict], target_l0: float) -> tuple[dict, str]:
     return best, note
 
 
-def _trial_sae_dir(trial: dict, experiment: str) -> str:
+def trial_sae_dir(trial: dict, experiment: str) -> str:
+    """A trials.json entry's SAE export dir (relative entries are under `experiment`)."""
     path = trial.get("sae_dir") or store.join(trial["name"], "sae")
     return path if store.is_uri(path) or os.path.isabs(path) else store.join(experiment, path)
 
@@ -116,7 +117,8 @@ def _is_sae_dir(path: str) -> bool:
     return all(store.exists(store.join(path, f)) for f in SAE_FILES)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A trial name as one path component: <out>/analysis/<safe_name(trial)>/."""
     return re.sub(r"[^A-Za-z0-9._=,-]+", "_", name).strip("._") or "sae"
 
 
@@ -131,18 +133,18 @@ def resolve_trial(cfg: Config) -> tuple[str, str, str]:
             raise UserError(f"trial {want!r} of {trials_path} is {named[0]['status']}, "
                             f"not done: it has no SAE export")
         if named:
-            return _safe_name(want), _trial_sae_dir(named[0], experiment), f"trial {want}"
+            return safe_name(want), trial_sae_dir(named[0], experiment), f"trial {want}"
         for path in (want, store.join(want, "sae")):
             if _is_sae_dir(path):
                 parent = path.rstrip("/").rsplit("/", 2)
                 name = parent[-2] if parent[-1] == "sae" and len(parent) > 1 else parent[-1]
-                return _safe_name(name), path, f"SAE dir {path}"
+                return safe_name(name), path, f"SAE dir {path}"
         raise MissingInput(f"--trial {want!r} is neither a trial of {trials_path} "
                            f"({[t.get('name') for t in trials]}) nor an SAE export dir "
                            f"(holding {' + '.join(SAE_FILES)})")
     if trials:
         best, note = best_trial(trials, cfg.analysis.target_l0)
-        return _safe_name(best["name"]), _trial_sae_dir(best, experiment), note
+        return safe_name(best["name"]), trial_sae_dir(best, experiment), note
     single = store.join(cfg.out, "sae_single", "sae")
     if _is_sae_dir(single):
         return "sae_single", single, f"no {trials_path}; the single run {single}"

@@ -106,11 +106,11 @@ def choose_trials(cfg: Config) -> list[dict]:
                   and t["lr"] == best["lr"]]
     out = []
     for t in chosen:
-        sae_dir = features._trial_sae_dir(t, exp)
+        sae_dir = features.trial_sae_dir(t, exp)
         n = int(store.read_json(store.join(sae_dir, "cfg.json"))["n_features"])
         out.append({"name": t["name"], "sae_dir": sae_dir, "n_features": n,
                     "l1_coeff": t["l1_coeff"], "lr": t["lr"],
-                    "analysis": store.Layout(cfg.out).analysis(features._safe_name(t["name"]))})
+                    "analysis": store.Layout(cfg.out).analysis(features.safe_name(t["name"]))})
     out.sort(key=lambda t: t["n_features"])
     sizes = [t["n_features"] for t in out]
     if len(set(sizes)) != len(sizes) or len(sizes) < 2:

@@ -249,6 +249,18 @@ class FakeCluster:
                 killed.append(inner)
         return killed
 
+    def kill(self, ns_pid: int) -> list[int]:
+        """SIGKILL the cluster's process `ns_pid` (a pid as its PID namespace sees it);
+        -> [ns_pid], or [] if it is gone."""
+        assert self.proc is not None
+        ns = _pid_ns(_children(self.proc.pid)[0])
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            with contextlib.suppress(OSError, StopIteration, ValueError):
+                if _pid_ns(pid) == ns and _ns_pid(pid) == ns_pid:
+                    os.kill(pid, 9)
+                    return [ns_pid]
+        return []
+
     def wait_idle_workers_gone(self, timeout: float = 90) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -282,8 +294,11 @@ def terminate_when_hung(cluster: FakeCluster, marker: Path, out: dict) -> thread
                 out.update(node=node, shard=said[1], pid=int(said[2]),
                            drivers=cluster.driver_nodes(),
                            t=time.monotonic() - cluster.t_start)
-                if node not in out["drivers"]:  # else the job dies with it: a failed test
+                if node not in out["drivers"]:
                     out["killed"] = cluster.terminate_node(node)
+                else:  # the job would die with its node: kill the actor alone, so the job
+                    # ends (its shard is redone) and the test fails at once on out["drivers"]
+                    out["killed"] = cluster.kill(out["pid"])
                 return
             time.sleep(0.2)
 
