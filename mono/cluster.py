@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -195,23 +194,22 @@ def pin_ami(path: str) -> dict[str, str]:
         return (f"{m[1]}# {names[alias]}: resolve:ssm:{alias} on {today}\n"
                 f"{m[1]}ImageId: {pinned[alias]}")
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(SSM_ALIAS.sub(pin, text))
-    os.replace(tmp, path)
+    from mono import store
+
+    store.write_bytes_atomic(path, SSM_ALIAS.sub(pin, text).encode())
     return pinned
 
 
 def _main(argv: list[str]) -> int:
     import yaml
 
-    from mono.errors import UserError
-
     if len(argv) != 2 or argv[0] not in ("publish", "pin-ami"):
         print("usage: python -m mono.cluster publish AUTOSCALER_CONFIG.yaml\n"
               "       python -m mono.cluster pin-ami CLUSTER.yaml", file=sys.stderr)
         return 2
     if argv[0] == "pin-ami":
+        from mono.errors import UserError
+
         try:
             pinned = pin_ami(argv[1])
         except UserError as err:

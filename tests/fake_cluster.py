@@ -221,14 +221,10 @@ class FakeCluster:
         it: its raylet (with the object store), started by the fake provider with this node
         id in its environment, and everything under the raylet (agents, workers). -> the
         pids killed, as the cluster's processes see them (its PID namespace's)."""
-        assert self.proc is not None
-        ns = _pid_ns(_children(self.proc.pid)[0])   # that of `ray start`, the namespace's init
         tag = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
         parent, tagged = {}, set()
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        for pid in self._processes():
             try:
-                if _pid_ns(pid) != ns:
-                    continue
                 parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
                                   .split()[1])
                 if tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
@@ -252,14 +248,24 @@ class FakeCluster:
     def kill(self, ns_pid: int) -> list[int]:
         """SIGKILL the cluster's process `ns_pid` (a pid as its PID namespace sees it);
         -> [ns_pid], or [] if it is gone."""
-        assert self.proc is not None
-        ns = _pid_ns(_children(self.proc.pid)[0])
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        for pid in self._processes():
             with contextlib.suppress(OSError, StopIteration, ValueError):
-                if _pid_ns(pid) == ns and _ns_pid(pid) == ns_pid:
+                if _ns_pid(pid) == ns_pid:
                     os.kill(pid, 9)
                     return [ns_pid]
         return []
+
+    def _processes(self) -> list[int]:
+        """The pids (in this, the test's namespace) of every process in the cluster's PID
+        namespace, `ray start` (its init) included."""
+        assert self.proc is not None
+        ns = _pid_ns(_children(self.proc.pid)[0])
+        pids = []
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            with contextlib.suppress(OSError):   # gone meanwhile
+                if _pid_ns(pid) == ns:
+                    pids.append(pid)
+        return pids
 
     def wait_idle_workers_gone(self, timeout: float = 90) -> bool:
         deadline = time.monotonic() + timeout
