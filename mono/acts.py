@@ -195,12 +195,9 @@ class Collector:
 
     def __init__(self, out: str, settings: dict, device: str = "cpu", n_threads: int = 0,
                  fail_once: str = "", fail_mode: str = "raise"):
-        threads.pin(n_threads)  # 0: the actor's cpus_per_actor (mono/threads.py)
-        if device == "cuda" and not torch.cuda.is_available():
-            # A Ray GPU without CUDA behind it (Ray's fake multi-node GPUs, a driverless
-            # node): the device comes from torch, not from the Ray resource.
-            logger.warning("actor holds a Ray GPU but torch sees no CUDA device: using CPU")
-            device = "cpu"
+        self.n_threads = threads.pin(n_threads)  # 0: its cpus_per_actor (mono/threads.py)
+        device = cluster.torch_device(device)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         self.out, self.s, self.device = out, settings, device
         self.fail_once, self.fail_mode = fail_once, fail_mode
         self.lm = store.load_lm(out, device=device)
@@ -231,10 +228,9 @@ class Collector:
         meta = {k: s[k] for k in IDENTITY_KEYS} | {"first_ctx": first, "n_contexts": n}
         table = shard_table(tokens, ctx, positions, acts, s["dtype"], meta, s["seed"])
         size = store.write_acts_shard(path, table, s["compression"], s["row_group_rows"])
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         return {"first": first, "rows": table.num_rows, "bytes": size,
-                "seconds": time.perf_counter() - t0, "node": node,
-                "threads": torch.get_num_threads()}
+                "seconds": time.perf_counter() - t0, "node": self.node,
+                "threads": self.n_threads}
 
     def _maybe_fail(self, path: str) -> None:
         """The test fault switch: fail once across all processes, mid-write."""
@@ -246,8 +242,7 @@ class Collector:
         except FileExistsError:
             return
         store.write_bytes_atomic(f"{path}.tmp-crashed", b"half a shard")
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        os.write(fd, f"{node} {os.path.basename(path)} {os.getpid()}".encode())
+        os.write(fd, f"{self.node} {os.path.basename(path)} {os.getpid()}".encode())
         os.close(fd)
         if self.fail_mode == "exit":
             os._exit(1)
@@ -400,8 +395,7 @@ def _pool(cfg: Config) -> tuple[int, dict]:
         if not any(n.get("GPU", 0) >= 1 and n.get("CPU", 0) >= a.cpus_per_actor for n in nodes):
             logger.warning("no node has 1 GPU + %d CPUs (acts.cpus_per_actor) yet: collection "
                            "waits for the autoscaler", a.cpus_per_actor)
-        n = max(1, gpus)
-        n = min(n, a.max_actors) if a.max_actors else n
+        n = min(gpus, a.max_actors) if a.max_actors else gpus   # check_gpus: gpus >= 1
         return n, {"num_gpus": 1, "num_cpus": a.cpus_per_actor}
     largest = max((n.get("CPU", 0) for n in nodes), default=0)
     if a.cpus_per_actor > largest:
@@ -436,14 +430,7 @@ def run(cfg: Config) -> dict:
     if todo:
         pool = _pool(cfg)  # may refuse: before anything is touched
         store.delete(store.Layout(cfg.out).acts_manifest)  # absent = unfinished
-        n_actors, resources = pool
-        if a.use_gpu:  # boot the pool's GPU nodes in parallel, not one scale-up at a time
-            cluster.request([{"GPU": 1, "CPU": a.cpus_per_actor}] * min(n_actors, len(todo)))
-        try:
-            stats = _collect(cfg, settings, todo, len(done), pool)
-        finally:
-            if a.use_gpu:
-                cluster.release()  # so idle GPU nodes can be removed
+        stats = _collect(cfg, settings, todo, len(done), pool)
         _delete_temporaries(store.Layout(cfg.out).acts)  # of attempts that died mid-write
         nodes |= {int(f): n for f, n in stats.get("node_per_shard", {}).items()}
     manifest = _manifest(cfg, settings, tm, chunks, nodes) | {"last_run": stats}
@@ -458,13 +445,15 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
              pool: tuple[int, dict]) -> dict:
     a = cfg.acts
     n_actors, resources = pool
-    n_threads = a.threads_per_actor or a.cpus_per_actor  # what threads.pin(0) gives them
-    logger.info("collection: %d shards to do (%d already done), %d actor(s), %s, %d torch "
-                "thread(s) each", len(todo), n_done, n_actors, "GPU" if a.use_gpu else "CPU",
-                n_threads)
+    initial = min(n_actors, len(todo))
+    logger.info("collection: %d shards to do (%d already done), %d actor(s), %s", len(todo),
+                n_done, n_actors, "GPU" if a.use_gpu else "CPU")
     data_ctx = DataContext.get_current()
     saved = data_ctx.retried_map_errors, data_ctx.max_map_retries
     data_ctx.retried_map_errors, data_ctx.max_map_retries = True, MAP_RETRIES
+    gpus = "num_gpus" in resources
+    if gpus:  # boot the pool's GPU nodes in parallel, not one scale-up at a time
+        cluster.request([{"GPU": resources["num_gpus"], "CPU": resources["num_cpus"]}] * initial)
     try:
         ds = ray.data.from_items([{"first": f, "n": n} for f, n in todo],
                                  override_num_blocks=len(todo))
@@ -479,7 +468,7 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
             # Start the whole pool at once (the work is known and evenly cut) and queue no
             # more shards on an actor than it runs at once, so late actors get work too.
             compute=ActorPoolStrategy(min_size=1, max_size=n_actors,
-                                      initial_size=min(n_actors, len(todo)),
+                                      initial_size=initial,
                                       max_tasks_in_flight_per_actor=a.cpus_per_actor + 1,
                                       max_concurrent_calls_per_actor=a.cpus_per_actor + 1,
                                       enable_true_multi_threading=True),
@@ -487,6 +476,8 @@ def _collect(cfg: Config, settings: dict, todo: list[tuple[int, int]], n_done: i
         return _progress(ds, sum(n for _, n in todo) * a.tokens_per_context)
     finally:
         data_ctx.retried_map_errors, data_ctx.max_map_retries = saved
+        if gpus:
+            cluster.release()  # so idle GPU nodes can be removed
 
 
 def _progress(ds, total_rows: int) -> dict:
@@ -508,8 +499,9 @@ def _progress(ds, total_rows: int) -> dict:
                 logger.info("collection: %d / %d rows (%.0f vectors/s)", rows, total_rows,
                             rows / (now - start))
     elapsed = time.perf_counter() - start
-    logger.info("collection: %d rows in %.1f s (%.0f vectors/s) on %d node(s)", rows, elapsed,
-                rows / max(elapsed, 1e-9), len(nodes))
+    logger.info("collection: %d rows in %.1f s (%.0f vectors/s) on %d node(s), %s torch "
+                "thread(s) per actor", rows, elapsed, rows / max(elapsed, 1e-9), len(nodes),
+                "/".join(map(str, sorted(n_threads))) or "?")
     # Steady state: after the first shard, i.e. without actor start-up and LM loading.
     steady = (rows - first[1]) / (elapsed - first[0]) if first and elapsed > first[0] else None
     return {"shards_written": sum(nodes.values()), "rows_written": rows, "seconds": elapsed,

@@ -159,10 +159,9 @@ def parse(argv: list[str] | None, prog: str, description: str,
         init()
         from mono import cluster
 
-        try:  # needs Ray: how many nodes there are or may be
-            cluster.check_local_out(cfg.out)
-        except UserError as err:
-            parser.error(str(err))
+        # Needs Ray (how many nodes there are or may be); its BadOutput is a UserError, one
+        # line like every other (main).
+        cluster.check_local_out(cfg.out)
     return cfg
 
 

@@ -116,13 +116,27 @@ def can_scale() -> bool:
                                 if n != record["head"])
 
 
+def torch_device(device: str) -> str:
+    """The torch device for a process that asked Ray for `device` ("cuda" or "cpu"): "cpu",
+    with a warning, when it holds a Ray GPU that has no CUDA behind it (Ray's fake
+    multi-node GPUs, a node without the driver): the device comes from torch, not from the
+    Ray resource."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        logger.warning("this process holds a Ray GPU but torch sees no CUDA device: using CPU")
+        return "cpu"
+    return device
+
+
 def check_local_out(out: str) -> None:
     """BadOutput for a local --out on a cluster with more than one node (now or after
     scaling): every node would write its part to its own disk. Without a connected Ray (a
     job's init that started none, as the tests' stand-ins) there is no cluster to ask."""
+    from mono import store
     from mono.errors import BadOutput
 
-    if "://" not in str(out) and ray.is_initialized() and multi_node():
+    if not store.is_uri(out) and ray.is_initialized() and multi_node():
         raise BadOutput(f"--out {out} is a local path, but this Ray cluster has (or can scale "
                         f"to) several nodes, each with its own disk: use an s3://BUCKET/PREFIX "
                         f"or gs://BUCKET/PREFIX URI")

@@ -334,7 +334,7 @@ def run(cfg: Config) -> dict:
             logger.info("split: document-level, %d train / %d val documents",
                         writers["train"].docs, writers["val"].docs)
         else:
-            writers = _split_tokens(cfg, writers, reason)
+            writers = _split_tokens(cfg, writers, reason, staging, digest.hexdigest())
         for w in writers.values():
             w.finish()
         store.publish_tokens(out, staging, {s: w.files for s, w in writers.items()})
@@ -384,9 +384,10 @@ def _document_split_short(writers: dict, tc: TokensConfig) -> str | None:
             f"and one context of ctx_len={tc.ctx_len} per split")
 
 
-def _split_tokens(cfg: Config, writers: dict, reason: str) -> dict:
+def _split_tokens(cfg: Config, writers: dict, reason: str, staging: str, sha256: str) -> dict:
     """The token-level split (module doc), from a second read of the corpus: the first read
-    gave the stream's length, so the cut is known before any shard is written."""
+    gave the stream's length (and `sha256`, its documents' digest), so the cut is known
+    before any shard is written under `staging`."""
     tc, T = cfg.tokens, cfg.tokens.ctx_len
     n_tokens = sum(w.tokens_in for w in writers.values())
     n_docs = sum(w.docs for w in writers.values())
@@ -401,16 +402,17 @@ def _split_tokens(cfg: Config, writers: dict, reason: str) -> dict:
     n_val = min(max(1, round(tc.val_fraction * n_ctx)), n_ctx - 1)
     logger.info("split: token-level, the last %d of %d contexts to val, cut at token %d (%s)",
                 n_val, n_ctx, (n_ctx - n_val) * T, reason)
-    staging = store.tokens_staging(cfg.out)
     store.delete(staging)
     writers = _writers(staging, tc)
     router = _TokenSplit(writers, (n_ctx - n_val) * T)
+    digest = hashlib.sha256()
     _consume(((False, d) for d in iter_documents(tc)), cfg,
-             lambda is_val, toks, k: router.add(toks), hashlib.sha256())
+             lambda is_val, toks, k: router.add(toks), digest)
     again = sum(w.tokens_in for w in writers.values())
-    if again != n_tokens:
+    if again != n_tokens or digest.hexdigest() != sha256:
         raise UserError(f"corpus {describe_corpus(tc.corpus)!r} changed while it was read "
-                        f"twice for the token-level split ({n_tokens} tokens, then {again})")
+                        f"twice for the token-level split ({n_tokens} tokens, then {again}"
+                        f"{'' if again != n_tokens else ', other text'})")
     return writers
 
 
