@@ -481,14 +481,15 @@ def families_json(cols: dict, tokens: dict) -> list[dict]:
 
 
 def member_tokens(trials: list[dict]) -> tuple[dict, dict]:
-    """(size, feature) -> top activating tokens, and size -> (features rows, examples) of
-    every analysed trial ({} for one without an analysis)."""
+    """(size, feature) -> top activating tokens, and size -> (features rows, examples,
+    summary): pages.read_tables of every analysed trial (absent for one without an
+    analysis), read once here for the family pages and the feature browser."""
     tokens, tables = {}, {}
     for s, t in enumerate(trials):
         if not store.exists(store.join(t["analysis"], "features.parquet")):
             continue
-        rows, examples, _ = pages.read_tables(t["analysis"])
-        tables[s] = (rows, examples)
+        tables[s] = pages.read_tables(t["analysis"])
+        rows, examples, _ = tables[s]
         for r in rows:
             tokens[(s, r["feature"])] = pages.top_tokens(examples["features"][r["feature"]]["top"])
     return tokens, tables
@@ -535,7 +536,7 @@ def run(cfg: Config) -> dict:
                                     for f in fams[:10]],
                "seconds": {"analyses": t1 - t0, **result["seconds"]}}
     t2 = time.perf_counter()
-    summary["index"] = family_pages.write(root, cols, fams, summary, tables,
+    summary["index"] = family_pages.write(root, cols, fams, summary, tables, tokens,
                                           cfg.splitting.map_points, cfg.seed)
     summary["seconds"]["pages"] = time.perf_counter() - t2
     summary["seconds"]["total"] = time.perf_counter() - t0
