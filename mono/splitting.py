@@ -67,7 +67,6 @@ import torch
 from mono import family_pages, features, pages, reader, scan, store, threads
 from mono.config import Config
 from mono.errors import MissingInput, UserError
-from mono.sae import SparseAutoencoder
 from mono.sae_files import load_sae
 
 logger = logging.getLogger(__name__)
@@ -174,40 +173,29 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
     "cross": [(P_l,)]}, float64.
     """
     torch.set_num_threads(1)
-    models = []
-    for state in saes:
-        H, F = state["W_enc"].shape
-        m = SparseAutoencoder(H, F, l1_coeff=0.0)
-        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-        models.append(m.eval())
+    models = [scan.sae_from_state(state) for state in saes]
     pair_t = [torch.from_numpy(np.array(p)) for p in pairs]   # writable copies
     acc = {"rows": 0, "sum": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "sq": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "fired": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "cross": [torch.zeros(len(p), dtype=torch.float64) for p in pairs]}
-    for fi, rg, take in pieces:
-        handle = scan.open_shard(files[fi])
-        table = handle.read_row_group(rg, columns=["acts"]).slice(0, take)
-        handle.close()
-        x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
-        for s in range(0, take, batch_rows):
-            xb = reader.to_float32(np.array(x[s:s + batch_rows]), dtype)     # (N, H)
-            acc["rows"] += len(xb)
-            chunk = max(1, PAIR_CHUNK_ELEMENTS // len(xb))
-            prev = None
-            for i, m in enumerate(models):  # two sizes' f at a time: (N, F_i) and (N, F_i+1)
-                with torch.no_grad():
-                    f = m.encode(xb)                                         # (N, F)
-                acc["sum"][i] += f.sum(0, dtype=torch.float64)
-                acc["sq"][i] += f.double().pow(2).sum(0)
-                acc["fired"][i] += (f > 0).sum(0)
-                if prev is not None:
-                    p = pair_t[i - 1]
-                    for c0 in range(0, len(p), chunk):
-                        pc = p[c0:c0 + chunk]
-                        acc["cross"][i - 1][c0:c0 + len(pc)] += (
-                            prev[:, pc[:, 0]] * f[:, pc[:, 1]]).sum(0, dtype=torch.float64)
-                prev = f
+    for _, _, _, xb, _ in scan.batches(pieces, files, dtype, batch_rows):    # xb (N, H)
+        acc["rows"] += len(xb)
+        chunk = max(1, PAIR_CHUNK_ELEMENTS // len(xb))
+        prev = None
+        for i, m in enumerate(models):  # two sizes' f at a time: (N, F_i) and (N, F_i+1)
+            with torch.no_grad():
+                f = m.encode(xb)                                             # (N, F)
+            acc["sum"][i] += f.sum(0, dtype=torch.float64)
+            acc["sq"][i] += f.double().pow(2).sum(0)
+            acc["fired"][i] += (f > 0).sum(0)
+            if prev is not None:
+                p = pair_t[i - 1]
+                for c0 in range(0, len(p), chunk):
+                    pc = p[c0:c0 + chunk]
+                    acc["cross"][i - 1][c0:c0 + len(pc)] += (
+                        prev[:, pc[:, 0]] * f[:, pc[:, 1]]).sum(0, dtype=torch.float64)
+            prev = f
     return {k: v if k == "rows" else [t.numpy() for t in v] for k, v in acc.items()}
 
 
