@@ -172,7 +172,6 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
     feature) of sizes l and l + 1. -> {"rows", "sum": [(F,)], "sq": [(F,)], "fired": [(F,)],
     "cross": [(P_l,)]}, float64.
     """
-    torch.set_num_threads(1)
     models = [scan.sae_from_state(state) for state in saes]
     pair_t = [torch.from_numpy(np.array(p)) for p in pairs]   # writable copies
     acc = {"rows": 0, "sum": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
@@ -197,6 +196,12 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
                         prev[:, pc[:, 0]] * f[:, pc[:, 1]]).sum(0, dtype=torch.float64)
             prev = f
     return {k: v if k == "rows" else [t.numpy() for t in v] for k, v in acc.items()}
+
+
+def correlation_task(*args):
+    """`correlation_sums` as a Ray task: on its one reserved CPU's thread (mono/threads.py)."""
+    threads.pin()
+    return correlation_sums(*args)
 
 
 def _merge_sums(total: dict | None, part: dict) -> dict:
@@ -236,7 +241,7 @@ def correlations(cfg: Config, saes: list, pairs: list[np.ndarray]) -> tuple[list
     saes_ref = ray.put([{k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}
                         for m in saes])
     pairs_ref = ray.put(pairs)
-    remote = ray.remote(correlation_sums).options(num_cpus=1, max_retries=3)
+    remote = ray.remote(correlation_task).options(num_cpus=1, max_retries=3)
     pending = [remote.remote(g, shards["files"], shards["dtype"], saes_ref, pairs_ref,
                              sp.batch_rows) for g in groups]
     total = None
