@@ -210,7 +210,7 @@ def _member_card(cols: dict, at: dict, trials: list[dict], tables: dict, s: int,
         parts.append(f"<br>children in {_label(trials, s + 1)}: {kids}")
     parts.append("</p>")
     if s in tables:
-        rows, examples = tables[s]
+        rows, examples, _ = tables[s]
         row, top = rows[feat], examples["features"][feat]["top"][:5]
         parts.append(f'<p class="links">max activation {row["max_act"]:.3g}, density '
                      f'{row["density"]:.3g} ({esc(row["density_class"])})</p>'
@@ -308,14 +308,14 @@ def feature_links(cols: dict, at: dict, trials: list[dict], tables: dict, s: int
 
 
 def write(root: str, cols: dict, fams: list[dict], summary: dict, tables: dict,
-          max_points: int = 30_000, seed: int = 0) -> str:
-    """Write <root>/html/ (module doc) and the feature pages' links; -> the index path."""
+          tokens: dict, max_points: int = 30_000, seed: int = 0) -> str:
+    """Write <root>/html/ (module doc) and the feature pages' links; -> the index path.
+    tables, tokens: what splitting.member_tokens returns (size -> pages.read_tables of the
+    trial's analysis; (size, feature) -> top activating tokens)."""
     trials = summary["trials"]
     out = store.join(root, "html")
     size = np.asarray(cols["size"])
     at = {s: np.flatnonzero(size == s) for s in range(len(trials))}   # size -> feature -> row
-    tokens = {(s, r["feature"]): pages.top_tokens(ex["features"][r["feature"]]["top"])
-              for s, (rows, ex) in tables.items() for r in rows}
     store.write_bytes_atomic(store.join(out, "matched.png"),
                              matched_png(summary["sizes"], summary["threshold"]))
     store.write_bytes_atomic(store.join(out, "split_factors.png"),
@@ -329,7 +329,7 @@ def write(root: str, cols: dict, fams: list[dict], summary: dict, tables: dict,
     store.write_bytes_atomic(store.join(out, "map.html"), map_page(
         cols, trials, tables, tokens, max_points, seed).encode())
     for s in tables:
-        pages.feature_browser(trials[s]["analysis"],
+        pages.feature_browser(trials[s]["analysis"], tables=tables[s],
                               extra=feature_links(cols, at, trials, tables, s))
     logger.info("family pages: %d families under %s", len(fams), out)
     return store.join(out, "index.html")

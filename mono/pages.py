@@ -217,11 +217,13 @@ def top_tokens(examples: list[dict], n: int = 3) -> list[str]:
     return [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def feature_browser(analysis_dir: str, summary: dict | None = None, extra=None) -> str:
+def feature_browser(analysis_dir: str, summary: dict | None = None, extra=None,
+                    tables: tuple | None = None) -> str:
     """Write <analysis_dir>/html/ from the tables (module doc); -> the index.html path.
     extra: feature id -> HTML put under each feature page's heading (mono.family_pages
-    links the feature's parent and children in other dictionary sizes)."""
-    rows, examples, saved = read_tables(analysis_dir)
+    links the feature's parent and children in other dictionary sizes). tables: what
+    `read_tables(analysis_dir)` returns, when the caller has read it already."""
+    rows, examples, saved = tables if tables is not None else read_tables(analysis_dir)
     summary = summary or saved
     out = store.join(analysis_dir, "html")
     feats = examples["features"]

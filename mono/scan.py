@@ -3,7 +3,8 @@
 Reads activation shards (local or on object storage) and an SAE's weights; writes nothing.
 mono.features runs `scan` in Ray tasks (`scan_task`) over groups of row groups
 (`plan_pieces`, `split_tasks`) and merges their states on the driver; mono.splitting plans
-its correlation sample the same way. Per feature, whatever the rows scanned:
+its correlation sample the same way and reads it as `scan` does (`sae_from_state`,
+`batches`). Per feature, whatever the rows scanned:
 
 - `TopStats`: count and sum of f > 0, and the top-k activations with (ctx, pos). Only
   positive activations are candidates (the seed's per-batch top-k reported zeros for
@@ -203,6 +204,30 @@ def split_tasks(pieces: list, n_tasks: int) -> list[list]:
     return groups
 
 
+def sae_from_state(state: dict, device: str = "cpu") -> SparseAutoencoder:
+    """The SAE of a state dict of numpy arrays (what a task gets from the object store), in
+    eval mode on `device`."""
+    H, F = state["W_enc"].shape
+    sae = SparseAutoencoder(H, F, l1_coeff=0.0)
+    sae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return sae.to(device).eval()
+
+
+def batches(pieces: list, files: list[str], dtype: str, batch_rows: int,
+            columns: tuple[str, ...] = ()):
+    """The rows of `pieces` in order, `batch_rows` at a time: yields (file index, row group,
+    s, xb, table), xb (N, H) float32 the piece's rows s:s + N (writable), table the piece's
+    Arrow table (`columns` + acts, its first `take` rows; one object for all of a piece's
+    batches). s == 0 starts a piece, also when a piece repeats."""
+    for fi, rg, take in pieces:
+        handle = open_shard(files[fi])
+        table = handle.read_row_group(rg, columns=[*columns, "acts"]).slice(0, take)
+        handle.close()
+        x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
+        for s in range(0, take, batch_rows):
+            yield fi, rg, s, reader.to_float32(np.array(x[s:s + batch_rows]), dtype), table
+
+
 def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: dict):
     """Encode the rows of `pieces` and accumulate one pass's state (no Ray needed).
 
@@ -212,31 +237,24 @@ def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: di
     device = params.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():  # a Ray GPU without CUDA behind it
         device = "cpu"
-    H, F = sae_state["W_enc"].shape
-    sae = SparseAutoencoder(H, F, l1_coeff=0.0)
-    sae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sae_state.items()})
-    sae = sae.to(device).eval()
+    sae = sae_from_state(sae_state, device)
     if params["kind"] == "top":
-        state = TopStats(F, params["k"])
+        state = TopStats(sae.n_features, params["k"])
     else:
         state = IntervalStats(torch.from_numpy(np.array(params["max_act"])),
                               params["n_intervals"], params["per_interval"], params["n_bins"])
-    for fi, rg, take in pieces:
-        handle = open_shard(files[fi])
-        table = handle.read_row_group(rg, columns=["ctx", "pos", "acts"]).slice(0, take)
-        handle.close()
-        x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
-        ctx = torch.from_numpy(table.column("ctx").to_numpy().copy())  # Arrow's is read-only
-        pos = torch.from_numpy(table.column("pos").to_numpy().astype(np.int32))
-        rng = np.random.default_rng([params["seed"], KEYS, fi, rg])
-        for s in range(0, take, params["batch_rows"]):
-            xb = reader.to_float32(np.array(x[s:s + params["batch_rows"]]), dtype)  # writable
-            with torch.no_grad():
-                f = sae.encode(xb.to(device)).cpu()                          # (N, F)
-            if params["kind"] == "top":
-                state.update(f, ctx[s:s + len(f)], pos[s:s + len(f)])
-            else:
-                state.update(f, ctx[s:s + len(f)], pos[s:s + len(f)], rng)
+    for fi, rg, s, xb, table in batches(pieces, files, dtype, params["batch_rows"],
+                                        ("ctx", "pos")):
+        if s == 0:  # a new piece: its ctx, pos and sampling keys (seeded per row group)
+            ctx = torch.from_numpy(table.column("ctx").to_numpy().copy())  # Arrow's: read-only
+            pos = torch.from_numpy(table.column("pos").to_numpy().astype(np.int32))
+            rng = np.random.default_rng([params["seed"], KEYS, fi, rg])
+        with torch.no_grad():
+            f = sae.encode(xb.to(device)).cpu()                              # (N, F)
+        if params["kind"] == "top":
+            state.update(f, ctx[s:s + len(f)], pos[s:s + len(f)])
+        else:
+            state.update(f, ctx[s:s + len(f)], pos[s:s + len(f)], rng)
     return state
 
 

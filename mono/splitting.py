@@ -67,7 +67,6 @@ import torch
 from mono import family_pages, features, pages, reader, scan, store, threads
 from mono.config import Config
 from mono.errors import MissingInput, UserError
-from mono.sae import SparseAutoencoder
 from mono.sae_files import load_sae
 
 logger = logging.getLogger(__name__)
@@ -173,42 +172,36 @@ def correlation_sums(pieces: list, files: list[str], dtype: str, saes: list[dict
     feature) of sizes l and l + 1. -> {"rows", "sum": [(F,)], "sq": [(F,)], "fired": [(F,)],
     "cross": [(P_l,)]}, float64.
     """
-    torch.set_num_threads(1)
-    models = []
-    for state in saes:
-        H, F = state["W_enc"].shape
-        m = SparseAutoencoder(H, F, l1_coeff=0.0)
-        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-        models.append(m.eval())
+    models = [scan.sae_from_state(state) for state in saes]
     pair_t = [torch.from_numpy(np.array(p)) for p in pairs]   # writable copies
     acc = {"rows": 0, "sum": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "sq": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "fired": [torch.zeros(m.n_features, dtype=torch.float64) for m in models],
            "cross": [torch.zeros(len(p), dtype=torch.float64) for p in pairs]}
-    for fi, rg, take in pieces:
-        handle = scan.open_shard(files[fi])
-        table = handle.read_row_group(rg, columns=["acts"]).slice(0, take)
-        handle.close()
-        x = store.acts_array(table.column("acts"), dtype)                    # (n, H)
-        for s in range(0, take, batch_rows):
-            xb = reader.to_float32(np.array(x[s:s + batch_rows]), dtype)     # (N, H)
-            acc["rows"] += len(xb)
-            chunk = max(1, PAIR_CHUNK_ELEMENTS // len(xb))
-            prev = None
-            for i, m in enumerate(models):  # two sizes' f at a time: (N, F_i) and (N, F_i+1)
-                with torch.no_grad():
-                    f = m.encode(xb)                                         # (N, F)
-                acc["sum"][i] += f.sum(0, dtype=torch.float64)
-                acc["sq"][i] += f.double().pow(2).sum(0)
-                acc["fired"][i] += (f > 0).sum(0)
-                if prev is not None:
-                    p = pair_t[i - 1]
-                    for c0 in range(0, len(p), chunk):
-                        pc = p[c0:c0 + chunk]
-                        acc["cross"][i - 1][c0:c0 + len(pc)] += (
-                            prev[:, pc[:, 0]] * f[:, pc[:, 1]]).sum(0, dtype=torch.float64)
-                prev = f
+    for _, _, _, xb, _ in scan.batches(pieces, files, dtype, batch_rows):    # xb (N, H)
+        acc["rows"] += len(xb)
+        chunk = max(1, PAIR_CHUNK_ELEMENTS // len(xb))
+        prev = None
+        for i, m in enumerate(models):  # two sizes' f at a time: (N, F_i) and (N, F_i+1)
+            with torch.no_grad():
+                f = m.encode(xb)                                             # (N, F)
+            acc["sum"][i] += f.sum(0, dtype=torch.float64)
+            acc["sq"][i] += f.double().pow(2).sum(0)
+            acc["fired"][i] += (f > 0).sum(0)
+            if prev is not None:
+                p = pair_t[i - 1]
+                for c0 in range(0, len(p), chunk):
+                    pc = p[c0:c0 + chunk]
+                    acc["cross"][i - 1][c0:c0 + len(pc)] += (
+                        prev[:, pc[:, 0]] * f[:, pc[:, 1]]).sum(0, dtype=torch.float64)
+            prev = f
     return {k: v if k == "rows" else [t.numpy() for t in v] for k, v in acc.items()}
+
+
+def correlation_task(*args):
+    """`correlation_sums` as a Ray task: on its one reserved CPU's thread (mono/threads.py)."""
+    threads.pin()
+    return correlation_sums(*args)
 
 
 def _merge_sums(total: dict | None, part: dict) -> dict:
@@ -248,7 +241,7 @@ def correlations(cfg: Config, saes: list, pairs: list[np.ndarray]) -> tuple[list
     saes_ref = ray.put([{k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}
                         for m in saes])
     pairs_ref = ray.put(pairs)
-    remote = ray.remote(correlation_sums).options(num_cpus=1, max_retries=3)
+    remote = ray.remote(correlation_task).options(num_cpus=1, max_retries=3)
     pending = [remote.remote(g, shards["files"], shards["dtype"], saes_ref, pairs_ref,
                              sp.batch_rows) for g in groups]
     total = None
@@ -481,14 +474,15 @@ def families_json(cols: dict, tokens: dict) -> list[dict]:
 
 
 def member_tokens(trials: list[dict]) -> tuple[dict, dict]:
-    """(size, feature) -> top activating tokens, and size -> (features rows, examples) of
-    every analysed trial ({} for one without an analysis)."""
+    """(size, feature) -> top activating tokens, and size -> (features rows, examples,
+    summary): pages.read_tables of every analysed trial (absent for one without an
+    analysis), read once here for the family pages and the feature browser."""
     tokens, tables = {}, {}
     for s, t in enumerate(trials):
         if not store.exists(store.join(t["analysis"], "features.parquet")):
             continue
-        rows, examples, _ = pages.read_tables(t["analysis"])
-        tables[s] = (rows, examples)
+        tables[s] = pages.read_tables(t["analysis"])
+        rows, examples, _ = tables[s]
         for r in rows:
             tokens[(s, r["feature"])] = pages.top_tokens(examples["features"][r["feature"]]["top"])
     return tokens, tables
@@ -535,7 +529,7 @@ def run(cfg: Config) -> dict:
                                     for f in fams[:10]],
                "seconds": {"analyses": t1 - t0, **result["seconds"]}}
     t2 = time.perf_counter()
-    summary["index"] = family_pages.write(root, cols, fams, summary, tables,
+    summary["index"] = family_pages.write(root, cols, fams, summary, tables, tokens,
                                           cfg.splitting.map_points, cfg.seed)
     summary["seconds"]["pages"] = time.perf_counter() - t2
     summary["seconds"]["total"] = time.perf_counter() - t0

@@ -38,7 +38,8 @@ def site(tmp_path_factory):
     summary = {"trials": trials, "threshold": 0.7, "candidates": 3, "sample_rows": 100,
                "families": len(fams),
                "sizes": splitting.size_summary(list(SIZES), cols)}
-    index = family_pages.write(store.Layout(out).splitting, cols, fams, summary, tables)
+    index = family_pages.write(store.Layout(out).splitting, cols, fams, summary, tables,
+                               tokens)
     return {"out": out, "index": index, "cols": cols, "families": fams, "trials": trials}
 
 
