@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from mono import reader, store, threads
+from mono import cluster, reader, store, threads
 from mono.sae import SparseAutoencoder
 
 # Shapes: N rows in a batch, F features, K top_k, I intervals, S samples per interval,
@@ -234,9 +234,7 @@ def scan(pieces: list, files: list[str], dtype: str, sae_state: dict, params: di
     params: kind ("top" or "intervals"), k / max_act, n_intervals, per_interval, n_bins,
     batch_rows, seed, device. Returns a TopStats or an IntervalStats (on the CPU).
     """
-    device = params.get("device", "cpu")
-    if device == "cuda" and not torch.cuda.is_available():  # a Ray GPU without CUDA behind it
-        device = "cpu"
+    device = cluster.torch_device(params.get("device", "cpu"))
     sae = sae_from_state(sae_state, device)
     if params["kind"] == "top":
         state = TopStats(sae.n_features, params["k"])
