@@ -484,8 +484,8 @@ def _trial_entry(exp: str, name: str, params: dict | None = None,
 
 
 def _metrics_only(result: dict) -> dict:
-    """A Tune result line without Tune's bookkeeping and the density array."""
-    skip = {"config", "log10_density", "done", "should_checkpoint", "checkpoint_dir_name",
+    """A Tune result line's finite scalars, without Tune's bookkeeping."""
+    skip = {"config", "done", "should_checkpoint", "checkpoint_dir_name",
             "node_ip", "hostname", "pid", "date", "trial_id", "experiment_tag"}
     return {k: v for k, v in result.items() if k not in skip
             and isinstance(v, (int, float)) and (not isinstance(v, float) or math.isfinite(v))}
