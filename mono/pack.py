@@ -9,9 +9,10 @@ Why: reading, not the SAE step, sets a sweep's pace (DESIGN.md "Ray wiring": ~15
 per CPU core against 1.86 M samples/s for one paper-shaped SAE on an H100). K members that
 differ only in l1_coeff and lr train on the same seeded stream anyway, so a pack reads and
 decodes each batch once (one `ActsReader`) and moves it to the device once; every member
-then steps on it. Members share the LM and the eval cache (`EvalSet`) and the resampling
-source; each keeps its own `SaeRun`: weights, FeatureAdam state, dead windows, resampling
-RNG, metrics, checkpoints and export, exactly as if it trained alone.
+then steps on it. Members share the LM and the eval cache (`EvalSet`), the input check, the
+shard list, the initial b_dec (fresh members: one geometric-median sample, not K) and the
+resampling source; each keeps its own `SaeRun`: weights, FeatureAdam state, dead windows,
+resampling RNG, metrics, checkpoints and export, exactly as if it trained alone.
 
 The step: on CPU each member takes train_sae's own step (`Trainer.step`: dense or sparse by
 its own f's density), so a pack's members are bit-identical to separate runs. Where every
@@ -129,6 +130,10 @@ class Pack:
         self.status: dict[str, dict] = {}
         evalset: EvalSet | None = None
         inputs: dict | None = None   # members differ in l1/lr only: one input check for all
+        # ... and not in seed, sample size or shuffle buffer: one shard list, one initial
+        # b_dec (the first fresh member's, cloned before any step) for all
+        shards: list[str] | str | None = None
+        b_dec: torch.Tensor | None = None
         for name, params in zip(names, members):
             member_dir = os.path.join(workdir, name)
             saved = os.path.join(resume_from, name) if resume_from else None
@@ -143,8 +148,12 @@ class Pack:
                 continue
             if saved is not None and not os.path.isdir(saved):
                 saved = None
-            run = SaeRun(member_cfg(cfg, params), member_dir, source, saved, evalset, inputs)
+            run = SaeRun(member_cfg(cfg, params), member_dir, source, saved, evalset, inputs,
+                         shards, b_dec)
             evalset, inputs = run.evalset, run.inputs
+            shards = shards if shards is not None else run.shards
+            if b_dec is None and run.fresh:
+                b_dec = run.sae.b_dec.detach().clone()
             self.runs[name] = run
         live = list(self.runs.values())
         same = live and len({(r.device, r.sae.n_features, r.sae.d_in) for r in live}) == 1

@@ -421,14 +421,18 @@ def _trial_entries(exp: str, name: str) -> list[dict]:
     params = store.read_json(store.join(d, "params.json"))
     if "pack" not in params:
         return [_trial_entry(exp, name)]
+    result = _last_result(d)   # read once: the pack's entry and every member's report
     whole = _trial_entry(exp, name, params={"l1_coeff": None, "lr": None,
-                                                 "n_features": params.get("n_features")})
+                                                 "n_features": params.get("n_features")},
+                         result=result)
+    members = result[1].get("members") or {}
     out = []
     for member in params["pack"]:
         m = pack.member_name(member)
         md = store.join(d, sae_files.EXPORT, m)
         entry = {**whole, "name": f"{name}/{m}", "trial": name, "dir": md, **member,
-                 "last_report": _member_report(d, m)}
+                 # a pack member's last row: its members/<name> scalars
+                 "last_report": _metrics_only(members.get(m, {}))}
         if all(store.exists(store.join(md, f)) for f in ("cfg.json", sae_files.SAE_WEIGHTS,
                                                           sae_files.METRICS)):
             entry.pop("error", None)
@@ -442,27 +446,26 @@ def _trial_entries(exp: str, name: str) -> list[dict]:
     return out
 
 
-def _member_report(trial_dir: str, member: str) -> dict:
-    """A pack member's last row in the trial's result.json (its members/<name> scalars)."""
+def _last_result(trial_dir: str) -> tuple[int, dict]:
+    """(rows, last row) of a trial dir's result.json (Tune's one JSON line per report);
+    (0, {}) when there is none."""
     path = store.join(trial_dir, "result.json")
     if not store.exists(path):
-        return {}
+        return 0, {}
     lines = store.read_bytes(path).decode().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
-    return _metrics_only((last.get("members") or {}).get(member, {}))
+    return len(lines), json.loads(lines[-1]) if lines else {}
 
 
-def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
+def _trial_entry(exp: str, name: str, params: dict | None = None,
+                 result: tuple[int, dict] | None = None) -> dict:
+    """result: `_last_result` of the trial dir, when the caller read it already."""
     d = store.join(exp, name)
     params = params or store.read_json(store.join(d, "params.json"))
-    lines = []
-    if store.exists(store.join(d, "result.json")):
-        lines = store.read_bytes(store.join(d, "result.json")).decode().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
+    reports, last = result if result is not None else _last_result(d)
     entry = {"name": name, "trial_id": last.get("trial_id", "_".join(name.split("_")[-2:])),
              "l1_coeff": params["l1_coeff"], "lr": params["lr"],
              "n_features": params.get("n_features"), "dir": d,
-             "reports": len(lines), "last_report": _metrics_only(last),
+             "reports": reports, "last_report": _metrics_only(last),
              # the Ray node id of the trial's last report, and its torch threads
              "node": last.get("node"), "threads": last.get("threads")}
     done = all(store.exists(store.join(d, sae_files.EXPORT, f))
@@ -481,8 +484,8 @@ def _trial_entry(exp: str, name: str, params: dict | None = None) -> dict:
 
 
 def _metrics_only(result: dict) -> dict:
-    """A Tune result line without Tune's bookkeeping and the density array."""
-    skip = {"config", "log10_density", "done", "should_checkpoint", "checkpoint_dir_name",
+    """A Tune result line's finite scalars, without Tune's bookkeeping."""
+    skip = {"config", "done", "should_checkpoint", "checkpoint_dir_name",
             "node_ip", "hostname", "pid", "date", "trial_id", "experiment_tag"}
     return {k: v for k, v in result.items() if k not in skip
             and isinstance(v, (int, float)) and (not isinstance(v, float) or math.isfinite(v))}

@@ -62,7 +62,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from torch import Tensor, nn
 
-from mono import cluster, store, threads
+from mono import cluster, reader, store, threads
 from mono.config import Config, LmConfig, TrainLmConfig, from_dict
 from mono.errors import UserError
 from mono.lm import Lm
@@ -85,7 +85,7 @@ def cached_split(out: str, split: str) -> np.ndarray:
     meta, T = manifest["splits"][split], manifest["ctx_len"]
     key = hashlib.sha256(json.dumps([store.resolve(out)[1], split, manifest],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MONO_CACHE_DIR") or Path(tempfile.gettempdir(), "mono-cache"))
+    cache = Path(reader.cache_root())
     path = cache / f"tokens-{split}-{key}.npy"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -236,14 +236,18 @@ class SaeRun:
 
     def __init__(self, cfg: Config, workdir: str, source: ResampleSource | None,
                  resume_from: str | None, evalset: EvalSet | None = None,
-                 inputs: dict | None = None):
+                 inputs: dict | None = None, shards: list[str] | str | None = None,
+                 b_dec: Tensor | None = None):
         """evalset: an EvalSet to share (mono.pack: one LM and eval cache for a pack);
         inputs: `check_inputs(cfg)` done already for the same data (a pack's first member),
-        so K members check the shards, LM and mean once."""
+        so K members check the shards, LM and mean once; shards: another run's `shards`
+        over the same data (skips `local_shards`); b_dec: the initial b_dec of a fresh run
+        on the same data, seed and sample settings, copied instead of computed (ignored
+        when this run resumes from a checkpoint)."""
         if store.is_uri(workdir):
             raise ValueError(f"the SAE workdir must be a local path, got {workdir!r}")
         self.cfg, self.workdir, sc = cfg, workdir, cfg.sae
-        self.shards: list[str] | str | None = None   # set by the first _reader
+        self.shards: list[str] | str | None = shards   # else set by the first _reader
         self.inputs = inputs if inputs is not None else check_inputs(cfg)
         self.device = pick_device(sc.device)
         self.n_steps, self.epochs = plan_steps(sc, self.inputs["rows"])
@@ -277,8 +281,12 @@ class SaeRun:
                                 self.device)
         self.window: Tensor | None = None
         self.last_resample = 0
+        self.fresh = ckpt is None   # no checkpoint: the weights are the init's until a step
         if ckpt is not None:
             self._restore(ckpt_path, *ckpt)
+        elif b_dec is not None:
+            with torch.no_grad():
+                self.sae.b_dec.copy_(b_dec)
         else:
             self._init_b_dec()
         self.evalset = evalset or EvalSet(cfg, self.lm, self.device, sc.n_features)

@@ -157,3 +157,31 @@ def test_a_diverging_member_fails_alone(run_dir, packed, tmp_path):  # noqa: F81
     # a resumed pack leaves the failed member out and has nothing left to do
     again = pack.train_pack(cfg, [A, B], workdir)
     assert again[bad]["status"] == "failed" and again[pack.member_name(A)]["status"] == "done"
+
+
+def test_a_pack_samples_b_dec_and_finds_its_shards_once(run_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Fresh members share the first one's shard list and initial b_dec (a copy, not its
+    storage) instead of each reading the geometric-median sample and the manifest again."""
+    calls = {"b_dec": 0, "shards": 0}
+    init_b_dec, local_shards = train_sae.SaeRun._init_b_dec, train_sae.local_shards
+
+    def counted_init(self):
+        calls["b_dec"] += 1
+        init_b_dec(self)
+
+    def counted_shards(source):
+        calls["shards"] += 1
+        return local_shards(source)
+
+    monkeypatch.setattr(train_sae.SaeRun, "_init_b_dec", counted_init)
+    monkeypatch.setattr(train_sae, "local_shards", counted_shards)
+    C = {"l1_coeff": 3e-2, "lr": 3e-3}
+    p = pack.Pack(make_cfg(run_dir["out"]), [A, B, C], str(tmp_path / "pack"))
+    assert calls == {"b_dec": 1, "shards": 1}
+    first, *rest = p.runs.values()
+    alone = train_sae.SaeRun(make_cfg(run_dir["out"], **C), str(tmp_path / "alone"), None,
+                             None, first.evalset, first.inputs)
+    for run in rest:
+        assert run.shards == first.shards
+        assert torch.equal(run.sae.b_dec, alone.sae.b_dec)
+        assert run.sae.b_dec.data_ptr() != first.sae.b_dec.data_ptr()
